@@ -1,0 +1,197 @@
+"""Per-tensor constraint sets for a whole model, sized from its initialization (REFERENCE §3).
+
+``constraint_groups(model)`` returns optimizer param groups, one per parameter tensor, each
+carrying its set as plain values (``constraint``, ``n``, ``k``, ``p``, ``radius``), so an
+optimizer's ``state_dict()`` stays loadable with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import ConstraintSet, check_positive
+from .k_sparse import KSparsePolytope
+from .k_support import KSupportNormBall
+from .lp_ball import LpBall
+from .unconstrained import Unconstrained
+
+KINDS = ("k_sparse", "l1", "l2", "linf", "lp", "k_support", "unconstrained")
+MODES = ("initialization", "radius", "diameter")
+_P_OF = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
+
+IncludeFn = Callable[[str, nn.Parameter], bool]
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"Invalid constraint kind: {kind!r} (expected one of {', '.join(KINDS)})")
+    return kind
+
+
+def make_constraint(
+    kind: str,
+    n: int,
+    *,
+    k: int | None = None,
+    p: float | None = None,
+    radius: float | None = None,
+    l2_diameter: float | None = None,
+) -> ConstraintSet:
+    """Build a set from plain values, e.g. ``make_constraint("k_sparse", 100, k=5, radius=0.1)``.
+
+    ``kind`` is one of :data:`KINDS`; ``l1``/``l2``/``linf`` are L_p balls with that p.
+    """
+    check_kind(kind)
+    if kind == "unconstrained":
+        return Unconstrained(n)
+    if kind in ("k_sparse", "k_support"):
+        if k is None:
+            raise ValueError(f"Invalid k: None (the {kind} set needs k)")
+        cls = KSparsePolytope if kind == "k_sparse" else KSupportNormBall
+        return cls(n, k, radius, l2_diameter=l2_diameter)
+    if kind == "lp" and p is None:
+        raise ValueError("Invalid p: None (the lp set needs p)")
+    return LpBall(n, _P_OF.get(kind, p), radius, l2_diameter=l2_diameter)  # type: ignore[arg-type]
+
+
+def constraint_from_group(group: Mapping[str, Any], n: int) -> ConstraintSet:
+    """The set described by an optimizer param group, for a tensor of ``n`` elements."""
+    return make_constraint(
+        group.get("constraint", "unconstrained"),
+        n,
+        k=group.get("k"),
+        p=group.get("p"),
+        radius=group.get("radius"),
+    )
+
+
+def k_from_fraction(numel: int, k_frac: float, k_min: int) -> int:
+    """``K = min(max(k_min, floor(k_frac · numel)), numel)``."""
+    return min(max(k_min, math.floor(k_frac * numel)), numel)
+
+
+def _owner_modules(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Parameter name -> (module that owns it directly, attribute name). Shared params once."""
+    owners: dict[str, tuple[nn.Module, str]] = {}
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            owners[f"{mod_name}.{attr}" if mod_name else attr] = (module, attr)
+    return owners
+
+
+@torch.no_grad()
+def expected_init_norms(
+    model: nn.Module, samples: int = 8, fallback: float = 1.0
+) -> dict[str, float]:
+    """``E||θ_init||_2`` per parameter name, over fresh default initializations.
+
+    Each owning module is deep-copied and re-initialized with its ``reset_parameters()``;
+    the live model and the global RNG stream are left untouched. Parameters of modules without
+    ``reset_parameters`` use their current norm. Norms of 0 (e.g. BatchNorm bias) become
+    ``fallback``, since a set of diameter 0 could never move.
+    """
+    norms: dict[str, float] = {}
+    devices = [p.device for p in model.parameters() if p.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(0x5F3)
+        for name, (module, attr) in _owner_modules(model).items():
+            live = getattr(module, attr)
+            value = 0.0
+            if hasattr(module, "reset_parameters"):
+                clone = copy.deepcopy(module)
+                for _ in range(samples):
+                    clone.reset_parameters()
+                    value += float(torch.linalg.vector_norm(getattr(clone, attr).float()))
+                value /= samples
+            else:
+                value = float(torch.linalg.vector_norm(live.float()))
+            norms[name] = value if value > 0 else fallback
+    return norms
+
+
+def _include_fn(include: IncludeFn | str | None) -> IncludeFn:
+    if include is None or include == "all":
+        return lambda name, p: True
+    if include == "weights":
+        # Conv and linear weights: the tensors with two or more dimensions.
+        return lambda name, p: p.dim() > 1
+    if callable(include):
+        return include
+    raise ValueError(
+        f"Invalid include: {include!r} (expected None, 'all', 'weights' or a callable)"
+    )
+
+
+def constraint_groups(
+    model: nn.Module,
+    kind: str = "k_sparse",
+    *,
+    k_frac: float = 0.05,
+    k_min: int = 10,
+    value: float = 15.0,
+    mode: str = "initialization",
+    include: IncludeFn | str | None = None,
+    p: float | None = None,
+) -> list[dict[str, Any]]:
+    """One SFW param group per parameter tensor, each with its constraint set; moves params inside.
+
+    Sizing (REFERENCE §3): ``K = min(max(k_min, ⌊k_frac·numel⌋), numel)``; with
+    ``mode="initialization"`` the set's L2 diameter is ``2·value·E||θ_init||``, with
+    ``mode="radius"`` the radius is ``value``, with ``mode="diameter"`` the L2 diameter is
+    ``value``. Parameters are rescaled radially into their sets in place.
+
+    Args:
+        model: the network; parameters with ``requires_grad=False`` are left out.
+        kind: ``k_sparse`` | ``l1`` | ``l2`` | ``linf`` | ``lp`` (with ``p``) | ``k_support`` |
+            ``unconstrained``.
+        k_frac, k_min: K for the K-sparse and K-support sets.
+        value, mode: the set's size, see above.
+        include: which tensors get ``kind``; the rest are unconstrained. ``None``/``"all"``,
+            ``"weights"`` (tensors of dim >= 2), or ``fn(name, param) -> bool``.
+
+    Example:
+        >>> groups = constraint_groups(model, "k_sparse", k_frac=0.05, value=15)
+        >>> opt = SFW(groups, lr=1.0, momentum=0.9)
+    """
+    check_kind(kind)
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(MODES)})")
+    check_positive("value", value)
+    if not (isinstance(k_frac, (int, float)) and 0 < k_frac <= 1):
+        raise ValueError(f"Invalid k_frac: {k_frac!r} (expected a number in (0, 1])")
+    if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
+        raise ValueError(f"Invalid k_min: {k_min!r} (expected an integer >= 1)")
+    chosen = _include_fn(include)
+    init_norms = expected_init_norms(model) if mode == "initialization" else {}
+
+    groups: list[dict[str, Any]] = []
+    for name, (module, attr) in _owner_modules(model).items():
+        param = getattr(module, attr)
+        if not param.requires_grad:
+            continue
+        numel = param.numel()
+        this_kind = kind if chosen(name, param) else "unconstrained"
+        k = k_from_fraction(numel, k_frac, k_min) if this_kind in ("k_sparse", "k_support") else None
+        size: dict[str, float] = {}
+        if this_kind != "unconstrained":
+            if mode == "initialization":
+                size["l2_diameter"] = 2.0 * value * init_norms[name]
+            elif mode == "diameter":
+                size["l2_diameter"] = value
+            else:
+                size["radius"] = value
+        cset = make_constraint(this_kind, numel, k=k, p=p, **size)
+        with torch.no_grad():
+            param.copy_(cset.shift_inside(param))
+        groups.append({"params": [param], "name": name, **cset.to_group()})
+    return groups

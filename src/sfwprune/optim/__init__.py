@@ -1,0 +1,5 @@
+"""The SFW optimizer."""
+
+from .sfw import RESCALES, SFW
+
+__all__ = ["RESCALES", "SFW"]
