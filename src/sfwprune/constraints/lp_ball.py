@@ -52,7 +52,7 @@ def lp_ball_lmo(grad: Tensor, p: float, radius: float) -> Tensor:
         # Normalise by the max first so |g|^{q-1} neither overflows nor underflows.
         amax = torch.clamp(a.max(), min=torch.finfo(flat.dtype).tiny)
         a = a / amax
-        norm_q = torch.linalg.vector_norm(a, ord=q)
+        norm_q = torch.clamp(torch.linalg.vector_norm(a, ord=q), min=torch.finfo(flat.dtype).tiny)
         v = -radius * torch.sign(flat) * (a / norm_q) ** (q - 1.0)
     return v.view_as(grad)
 

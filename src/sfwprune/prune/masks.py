@@ -1,0 +1,198 @@
+"""One-shot pruning masks: zero the ``s``-fraction of least important entries (REFERENCE §4).
+
+For a ranked set of ``N`` entries with scores ``a`` (``|w|`` or uniform noise), the pruned entries
+are the ``round(s·N)`` first ones in the order of ``(a_i, i)``: the smallest scores, ties broken by
+flat index (the order of a stable sort). ``scope="global"`` ranks all selected tensors as one set
+(one threshold for the whole model), ``scope="layer"`` ranks each tensor on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+from torch.nn.parameter import UninitializedParameter
+
+Tensor = torch.Tensor
+
+SCOPES = ("global", "layer")
+CRITERIA = ("magnitude", "random")
+INCLUDES = ("weights", "all")
+
+
+def check_sparsity(sparsity: object) -> float:
+    """``sparsity`` as a float in ``[0, 1]`` (the fraction of zeros), else ``ValueError``."""
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, numbers.Real)
+        or math.isnan(sparsity)
+        or not 0.0 <= sparsity <= 1.0
+    ):
+        raise ValueError(
+            f"Invalid sparsity: {sparsity!r} (expected a number in [0, 1], the fraction of zeros)"
+        )
+    return float(sparsity)
+
+
+def _check_choice(name: str, value: object, allowed: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(allowed)})")
+    return value
+
+
+def check_options(
+    scope: str, criterion: str, include: str, generator: torch.Generator | None
+) -> None:
+    """Validate the options shared by :func:`prune_` and the sweep."""
+    _check_choice("scope", scope, SCOPES)
+    _check_choice("criterion", criterion, CRITERIA)
+    _check_choice("include", include, INCLUDES)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"Invalid generator: {generator!r} (expected a torch.Generator or None)")
+
+
+def prunable_parameters(model: nn.Module, include: str = "weights") -> list[tuple[str, Tensor]]:
+    """The ``(name, parameter)`` pairs that pruning ranks, in ``named_parameters`` order.
+
+    ``include="weights"``: the weights of ``nn.Linear`` and convolution layers;
+    ``include="all"``: every parameter (shared parameters once, under their first name).
+    """
+    _check_choice("include", include, INCLUDES)
+    named = list(model.named_parameters())
+    if include == "weights":
+        ids = {
+            id(m.weight)
+            for m in model.modules()
+            if isinstance(m, (nn.Linear, _ConvNd)) and isinstance(m.weight, nn.Parameter)
+        }
+        named = [(n, p) for n, p in named if id(p) in ids]
+    for name, p in named:
+        if isinstance(p, UninitializedParameter):
+            raise ValueError(f"Invalid model: parameter {name!r} is uninitialized (run a forward)")
+    if not named:
+        raise ValueError(
+            f"Invalid model: no parameters to prune (include={include!r} selects none)"
+        )
+    return named
+
+
+def ranked_sets(scope: str, count: int) -> list[list[int]]:
+    """Indices of the tensors ranked together: all of them (global) or one by one (layer)."""
+    return [list(range(count))] if scope == "global" else [[i] for i in range(count)]
+
+
+def flat_scores(
+    named: Sequence[tuple[str, Tensor]], criterion: str, generator: torch.Generator | None
+) -> list[Tensor]:
+    """One flat score tensor per parameter; a low score means pruned first.
+
+    Random scores are drawn in parameter order on the generator's device (CPU by default), so a
+    seeded generator gives the same masks whatever device the model is on.
+    """
+    scores = []
+    for name, p in named:
+        if criterion == "magnitude":
+            s = p.detach().reshape(-1).abs()
+            if torch.isnan(s).any():
+                raise ValueError(f"Invalid weights: {name!r} contains NaN (cannot rank by |w|)")
+        else:
+            device = generator.device if generator is not None else torch.device("cpu")
+            s = torch.rand(p.numel(), generator=generator, device=device, dtype=torch.float64)
+        scores.append(s.to(p.device))
+    return scores
+
+
+def concat(scores: Sequence[Tensor]) -> Tensor:
+    """Concatenate flat scores of one ranked set in a dtype exact for all of them."""
+    if len(scores) == 1:
+        return scores[0]
+    dtype = functools.reduce(torch.promote_types, (s.dtype for s in scores))
+    device = scores[0].device
+    return torch.cat([s.to(device=device, dtype=dtype) for s in scores])
+
+
+def prune_count(sparsity: float, n: int) -> int:
+    """How many of ``n`` entries a level prunes: ``round(s·n)`` (as ``torch.nn.utils.prune``)."""
+    return int(round(sparsity * n))
+
+
+def lowest(score: Tensor, n: int) -> Tensor:
+    """Bool mask of the ``n`` first entries in ``(score, index)`` order, without a full sort.
+
+    Equal to ``sort(score, stable=True).indices[:n]`` as a set: the ``n``-th smallest value ``t``
+    is found by selection, every entry below ``t`` is taken, then the lowest-index entries equal
+    to ``t`` fill the count.
+    """
+    out = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    if n <= 0:
+        return out
+    if n >= score.numel():
+        return out.fill_(True)
+    t = torch.kthvalue(score, n).values
+    torch.lt(score, t, out=out)
+    need = n - int(out.sum())
+    out[torch.nonzero(score == t).squeeze(1)[:need]] = True
+    return out
+
+
+def split_masks(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat mask of a ranked set into views shaped like its parameters."""
+    parts = torch.split(flat, [p.numel() for p in params])
+    return [m.view(p.shape).to(p.device) for m, p in zip(parts, params, strict=True)]
+
+
+@torch.no_grad()
+def prune_(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    scope: str = "global",
+    criterion: str = "magnitude",
+    include: str = "weights",
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Zero the ``sparsity``-fraction of least important entries in place; return keep masks.
+
+    Per ranked set of ``N`` entries, the ``round(s·N)`` entries first in ``(score, flat index)``
+    order are zeroed, where ``score = |w|`` (magnitude) or ``U(0, 1)`` noise (random). Entries that
+    were already zero count as zeros, so the measured sparsity is ``s`` within one element per set
+    (or higher if more than ``s·N`` entries were zero before).
+
+    Args:
+        model: the network, changed in place.
+        sparsity: target fraction of zeros in ``[0, 1]``.
+        scope: ``"global"`` (one ranking over all selected tensors, the paper's choice) or
+            ``"layer"`` (each tensor pruned to the same sparsity).
+        criterion: ``"magnitude"`` (smallest ``|w|`` first) or ``"random"``.
+        include: ``"weights"`` (conv and linear weights) or ``"all"`` (every parameter).
+        generator: random source for ``criterion="random"`` (default: the global one).
+
+    Returns:
+        ``{parameter name: bool tensor}``, ``True`` where the entry is kept.
+
+    Example:
+        >>> net = nn.Linear(4, 1, bias=False)
+        >>> _ = net.weight.data.copy_(torch.tensor([[0.3, -0.1, 2.0, 0.2]]))
+        >>> prune_(net, 0.5)["weight"]
+        tensor([[ True, False,  True, False]])
+    """
+    sparsity = check_sparsity(sparsity)
+    check_options(scope, criterion, include, generator)
+    named = prunable_parameters(model, include)
+    params = [p for _, p in named]
+    scores = flat_scores(named, criterion, generator)
+    masks: dict[str, Tensor] = {}
+    for members in ranked_sets(scope, len(named)):
+        score = concat([scores[i] for i in members])
+        pruned = lowest(score, prune_count(sparsity, score.numel()))
+        for i, keep in zip(
+            members, split_masks(~pruned, [params[i] for i in members]), strict=True
+        ):
+            params[i].masked_fill_(~keep, 0)
+            masks[named[i][0]] = keep
+    return {name: masks[name] for name, _ in named}

@@ -1,0 +1,130 @@
+"""Sparse CPU inference: linear layers with a CSR weight, used where they beat the dense layer.
+
+``y = x Wᵀ + b`` computed as ``(b 1ᵀ + W xᵀ)ᵀ`` with ``W`` in compressed sparse row form, so the
+work is ``nnz(W)`` multiply-adds per sample instead of ``numel(W)``. A sparse product has a fixed
+cost per call (about 10 µs on one CPU thread with MKL), so it only pays for large, very sparse
+layers: see ``benchmarks/sparse_inference.py`` for the measurements behind the defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .masks import check_sparsity
+
+Tensor = torch.Tensor
+
+# From benchmarks/sparse_inference.py (one thread, LeNet-300-100 layers): CSR wins at batch 256
+# from ~0.9 sparsity on the 784x300 and 300x100 layers, but at batch 1 the per-call overhead
+# makes it slower below ~0.95 and always slower on layers under ~100k weights.
+DEFAULT_MIN_SPARSITY = 0.95
+DEFAULT_MIN_NUMEL = 100_000
+_SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
+def _to_csr(weight: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta" is not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        return weight.detach().to_sparse_csr()
+
+
+class SparseLinear(nn.Module):
+    """Inference-only ``nn.Linear`` with its weight as a ``torch.sparse_csr`` tensor.
+
+    Outputs equal the dense layer's up to float rounding (sums in a different order). Weight and
+    bias are buffers (no gradients); ``.to(device)`` moves them.
+
+    Example:
+        >>> dense = nn.Linear(784, 300)
+        >>> _ = prune_(dense, 0.98)
+        >>> y = SparseLinear.from_dense(dense)(torch.randn(8, 784))
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+        super().__init__()
+        if weight.dim() != 2 or weight.dtype not in _SPARSE_DTYPES:
+            raise ValueError(
+                f"Invalid weight: shape {tuple(weight.shape)}, {weight.dtype} "
+                "(expected a 2-d float32 or float64 tensor)"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", _to_csr(weight))
+        # bias as a column (out, 1): addmm broadcasts it over the batch
+        self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1, 1).clone())
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear) -> SparseLinear:
+        """The sparse twin of ``layer`` (same weight values, zeros dropped)."""
+        return cls(layer.weight, layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        xt = x.reshape(-1, self.in_features).t()  # (in, batch)
+        if self.bias is None:
+            y = torch.mm(self.weight, xt)
+        else:
+            y = torch.addmm(self.bias, self.weight, xt)  # (out, batch)
+        return y.t().reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight._nnz()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nnz={nnz}"
+        )
+
+
+def to_sparse_inference(
+    model: nn.Module,
+    *,
+    min_sparsity: float = DEFAULT_MIN_SPARSITY,
+    min_numel: int = DEFAULT_MIN_NUMEL,
+) -> nn.Module:
+    """A copy of ``model`` whose sparse ``nn.Linear`` layers compute with a CSR weight.
+
+    A layer is converted when its weight has ``sparsity >= min_sparsity`` and at least
+    ``min_numel`` entries and is float32/float64; the defaults are where the benchmark found CSR
+    faster than dense on one CPU thread at batch 1 (at large batches it wins earlier). The
+    original model is not changed.
+
+    Args:
+        model: a pruned network (e.g. after :func:`prune_`).
+        min_sparsity: fraction of zeros a weight needs to be converted, in ``[0, 1]``.
+        min_numel: smallest weight (in entries) worth converting.
+
+    Returns:
+        The converted copy, in eval mode.
+
+    Example:
+        >>> _ = prune_(net, 0.98)
+        >>> fast = to_sparse_inference(net)
+        >>> torch.allclose(fast(x), net(x), atol=1e-5)
+        True
+    """
+    min_sparsity = check_sparsity(min_sparsity)
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise ValueError(f"Invalid min_numel: {min_numel!r} (expected an integer >= 0)")
+    out = copy.deepcopy(model).eval()
+
+    def convert(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear) and _worth_it(child.weight, min_sparsity, min_numel):
+                setattr(module, name, SparseLinear.from_dense(child))
+            else:
+                convert(child)
+
+    if isinstance(out, nn.Linear) and _worth_it(out.weight, min_sparsity, min_numel):
+        return SparseLinear.from_dense(out).eval()
+    convert(out)
+    return out
+
+
+def _worth_it(weight: Tensor, min_sparsity: float, min_numel: int) -> bool:
+    numel = weight.numel()
+    if weight.dtype not in _SPARSE_DTYPES or numel == 0 or numel < min_numel:
+        return False
+    return 1.0 - int(torch.count_nonzero(weight)) / numel >= min_sparsity

@@ -1,0 +1,160 @@
+"""Accuracy at every sparsity from one ranking of the weights ("train once, deploy at any s").
+
+The entries are ranked once (a stable argsort of the scores per ranked set); level ``s`` zeroes
+the first ``round(s·N)`` of that order, which is the mask :func:`prune_` would give. Between
+levels the ranked tensors (and BatchNorm buffers) are restored from one saved copy, so memory is
+one copy of the pruned tensors, not one model per level, and the model ends bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bn import batchnorm_modules, recalibrate_bn
+from .masks import (
+    check_options,
+    check_sparsity,
+    concat,
+    flat_scores,
+    prunable_parameters,
+    prune_count,
+    ranked_sets,
+    split_masks,
+)
+
+Tensor = torch.Tensor
+
+
+class Ranking:
+    """A single ranking of a model's prunable entries, giving keep masks for any sparsity.
+
+    Args and ordering are those of :func:`prune_`; ``Ranking(model, ...).masks(s)`` equals the
+    masks ``prune_(model, s, ...)`` returns on the same weights.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        scope: str = "global",
+        criterion: str = "magnitude",
+        include: str = "weights",
+        generator: torch.Generator | None = None,
+    ):
+        check_options(scope, criterion, include, generator)
+        self.named = prunable_parameters(model, include)
+        self.params = [p for _, p in self.named]
+        self.numel = sum(p.numel() for p in self.params)
+        scores = flat_scores(self.named, criterion, generator)
+        self.sets = ranked_sets(scope, len(self.params))
+        # order[j]: flat indices of set j, least important first; ties by index (stable sort)
+        self.orders = [
+            torch.sort(concat([scores[i] for i in members]), stable=True).indices
+            for members in self.sets
+        ]
+
+    def masks(self, sparsity: float) -> dict[str, Tensor]:
+        """``{name: bool keep mask}`` at ``sparsity``."""
+        sparsity = check_sparsity(sparsity)
+        out: dict[str, Tensor] = {}
+        for members, order in zip(self.sets, self.orders, strict=True):
+            keep = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
+            keep[order[: prune_count(sparsity, order.numel())]] = False
+            for i, m in zip(
+                members, split_masks(keep, [self.params[i] for i in members]), strict=True
+            ):
+                out[self.named[i][0]] = m
+        return {name: out[name] for name, _ in self.named}
+
+
+def _replayable(batches: Iterable[Any] | None) -> Iterable[Any] | None:
+    # every level reads the batches again, so a one-shot iterator is materialized once
+    if batches is not None and iter(batches) is batches:
+        return list(batches)
+    return batches
+
+
+@torch.no_grad()
+def _restore(pairs: Sequence[tuple[Tensor, Tensor]]) -> None:
+    for live, saved in pairs:
+        live.copy_(saved)
+
+
+def sparsity_sweep(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], Mapping[str, Any]],
+    sparsities: Iterable[float],
+    *,
+    bn_batches: Iterable[Any] | None = None,
+    **prune_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Prune to each sparsity from one ranking, evaluate, restore; one row per level.
+
+    Level ``s`` zeroes the first ``round(s·N)`` entries of the ranking (as :func:`prune_`), then
+    optionally recalibrates BatchNorm on ``bn_batches``, then calls ``evaluate(model)``.
+
+    Args:
+        model: the trained network; bit-identical (parameters, buffers, training flags) on return,
+            also when ``evaluate`` raises.
+        evaluate: ``model -> {"accuracy": ..., "loss": ..., ...}``; extra keys go into the row.
+        sparsities: target fractions of zeros, each in ``[0, 1]``.
+        bn_batches: if given, BatchNorm stats are recomputed on these batches at every level
+            (a re-iterable such as a list or DataLoader; an iterator is read once into a list).
+        **prune_kwargs: ``scope``, ``criterion``, ``include``, ``generator`` as for
+            :func:`prune_`.
+
+    Returns:
+        Rows ``{"sparsity", "measured_sparsity", "accuracy", "loss", ...}`` in the order given;
+        ``measured_sparsity`` is the fraction of zeros among the ranked entries.
+
+    Example:
+        >>> rows = sparsity_sweep(net, lambda m: evaluate(m, loader), [0.5, 0.9, 0.99])
+        >>> [round(r["accuracy"], 3) for r in rows]
+    """
+    levels = [check_sparsity(s) for s in sparsities]
+    unknown = set(prune_kwargs) - {"scope", "criterion", "include", "generator"}
+    if unknown:
+        raise ValueError(
+            f"Invalid prune_kwargs: {sorted(unknown)!r} "
+            "(expected scope, criterion, include, generator)"
+        )
+    if not callable(evaluate):
+        raise ValueError(f"Invalid evaluate: {evaluate!r} (expected model -> dict)")
+    ranking = Ranking(model, **prune_kwargs)
+    bn_batches = _replayable(bn_batches)
+    saved = [(p, p.detach().clone()) for p in ranking.params]
+    saved += [(b, b.clone()) for m in batchnorm_modules(model) for b in m.buffers(recurse=False)]
+    flags = [(m, m.training) for m in model.modules()]
+    rows = []
+    try:
+        for sparsity in levels:
+            _restore(saved)
+            with torch.no_grad():
+                for p, keep in zip(ranking.params, ranking.masks(sparsity).values(), strict=True):
+                    p.masked_fill_(~keep, 0)
+                zeros = sum(int((p == 0).sum()) for p in ranking.params)
+            if bn_batches is not None:
+                recalibrate_bn(model, bn_batches)
+            metrics = evaluate(model)
+            missing = {"accuracy", "loss"} - set(metrics)
+            if missing:
+                raise ValueError(
+                    f"Invalid evaluate result: keys {sorted(metrics)!r} (missing {sorted(missing)})"
+                )
+            row = {
+                "sparsity": sparsity,
+                "measured_sparsity": zeros / ranking.numel,
+                "accuracy": float(metrics["accuracy"]),
+                "loss": float(metrics["loss"]),
+            }
+            row.update({k: v for k, v in metrics.items() if k not in row})
+            rows.append(row)
+    finally:
+        _restore(saved)
+        for m, training in flags:
+            m.training = training
+    return rows
