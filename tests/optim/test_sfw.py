@@ -113,7 +113,7 @@ def test_iterates_stay_inside_every_step(kind: str) -> None:
     for step in range(40):
         idx = torch.arange(step * 32, step * 32 + 32) % 256
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-        first = float(loss) if first is None else first
+        first = loss.item() if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()

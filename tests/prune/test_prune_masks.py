@@ -123,7 +123,7 @@ def test_global_magnitude_equals_torch_global_unstructured(lenet300):
     layers = [(m, "weight") for m in ref.modules() if isinstance(m, nn.Linear)]
     tprune.global_unstructured(layers, pruning_method=tprune.L1Unstructured, amount=0.9)
     masks = prune_(lenet300, 0.9)
-    weights = torch.cat([p.detach().abs().reshape(-1) for _, p in prunable_parameters(ref)])
+    weights = torch.cat([m.weight_orig.detach().abs().reshape(-1) for m, _ in layers])
     threshold = weights.sort().values[round(0.9 * weights.numel()) - 1]
     for (name, keep), (module, _) in zip(masks.items(), layers, strict=True):
         theirs = module.weight_mask.bool()

@@ -178,6 +178,8 @@ def scaled_objective(
     ``functional_call`` (give copies to keep running statistics untouched).
     """
     thetas = [s.param.detach() * a.to(s.param.dtype) for s, a in zip(specs, alphas, strict=True)]
+    # Constant scales (e.g. a finite-difference probe) still need g = ∂L/∂θ.
+    thetas = [t if t.requires_grad else t.requires_grad_() for t in thetas]
     params = {s.name: theta for s, theta in zip(specs, thetas, strict=True)}
     x, y = grad_batch
     loss = loss_fn(functional_call(model, (params, dict(buffers)), (x,)), y)

@@ -32,7 +32,8 @@ def build_model(
     """A freshly initialized model (PyTorch's default init, which the constraint sizing assumes).
 
     Args:
-        name: one of :data:`MODELS`: ``lenet300``, ``lenet5``, ``lenet5bn``, ``resnet18``, ``vgg16``.
+        name: one of :data:`MODELS` (``lenet300``, ``lenet5``, ``lenet5bn``, ``resnet18``,
+            ``vgg16``).
         input_shape: ``(C, H, W)`` of one input, e.g. ``Dataset.input_shape``.
         num_classes: outputs.
         seed: if given, initialize from ``torch.manual_seed(seed)`` inside a forked RNG, so the

@@ -25,7 +25,7 @@ CRITERIA = ("magnitude", "random")
 INCLUDES = ("weights", "all")
 
 
-def check_sparsity(sparsity: object) -> float:
+def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     """``sparsity`` as a float in ``[0, 1]`` (the fraction of zeros), else ``ValueError``."""
     if (
         isinstance(sparsity, bool)
@@ -34,7 +34,7 @@ def check_sparsity(sparsity: object) -> float:
         or not 0.0 <= sparsity <= 1.0
     ):
         raise ValueError(
-            f"Invalid sparsity: {sparsity!r} (expected a number in [0, 1], the fraction of zeros)"
+            f"Invalid {name}: {sparsity!r} (expected a number in [0, 1], the fraction of zeros)"
         )
     return float(sparsity)
 

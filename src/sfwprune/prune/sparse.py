@@ -105,7 +105,7 @@ def to_sparse_inference(
         >>> torch.allclose(fast(x), net(x), atol=1e-5)
         True
     """
-    min_sparsity = check_sparsity(min_sparsity)
+    min_sparsity = check_sparsity(min_sparsity, "min_sparsity")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"Invalid min_numel: {min_numel!r} (expected an integer >= 0)")
     out = copy.deepcopy(model).eval()

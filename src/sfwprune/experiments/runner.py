@@ -1,0 +1,282 @@
+"""Training runs on disk: ``RUN_DIR/{config.json, metrics.jsonl, checkpoint.pt, summary.json}``.
+
+A checkpoint is written atomically at the end of every epoch and holds everything a resumed run
+needs to continue exactly: model, optimizer, schedule, data-order and RNG states, epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import _io
+from ..data import Dataset, DeviceLoader, load_dataset
+from ..models import build_model
+from ..train import build_optimizer, build_scheduler, evaluate, train_epoch
+from .config import TrainConfig
+from .provenance import provenance
+
+CHECKPOINT_FORMAT = 1
+CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
+    "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
+)  # fmt: skip
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"Invalid device: {name!r} (CUDA is not available here; use cpu or auto)")
+    return device
+
+
+def load_data(cfg: TrainConfig) -> Dataset:
+    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size)
+
+
+def make_model(cfg: TrainConfig, data: Dataset, device: torch.device) -> nn.Module:
+    model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=cfg.seed)
+    return model.to(device)
+
+
+def train_loader(
+    cfg: TrainConfig, data: Dataset, device: torch.device, *, seed: int | None = None, **kw: Any
+) -> DeviceLoader:
+    return DeviceLoader.from_dataset(
+        data, "train", batch_size=cfg.batch_size, shuffle=True, augment=cfg.use_augment,
+        device=device, drop_last=False, generator=cfg.seed if seed is None else seed, **kw,
+    )  # fmt: skip
+
+
+def test_loader(cfg: TrainConfig, data: Dataset, device: torch.device, **kw: Any) -> DeviceLoader:
+    return DeviceLoader.from_dataset(
+        data, "test", batch_size=cfg.eval_batch_size, shuffle=False, device=device, **kw
+    )
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def read_config(run_dir: str | Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Invalid run folder: {str(run_dir)!r} (no {CONFIG_FILE}; train a run there first)"
+        )
+    values = json.loads(path.read_text(encoding="utf-8"))
+    return TrainConfig.from_dict(values["config"])
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash
+    return rows
+
+
+def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """The run's checkpoint, loaded with ``weights_only=True``; clear errors when unusable."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    ckpt = _io.safe_torch_load(path, map_location=device)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
+        raise ValueError(f"Invalid checkpoint: {str(path)!r} (not an sfwprune checkpoint)")
+    return ckpt
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ValueError(
+            f"Invalid checkpoint: {source!r} does not fit this model "
+            f"({first[1].strip() if len(first) > 1 else first[0]})"
+        ) from None
+
+
+def load_trained(run_dir: str | Path, device: torch.device | str | None = None):
+    """``(config, model, data)`` of a finished (or checkpointed) run, weights loaded."""
+    cfg = read_config(run_dir)
+    device = resolve_device(cfg.device if device is None else str(device))
+    data = load_data(cfg)
+    model = make_model(cfg, data, device)
+    ckpt = load_checkpoint(run_dir, device)
+    load_model_state(model, ckpt["model"], str(Path(run_dir) / CHECKPOINT_FILE))
+    return cfg, model, data
+
+
+@dataclass
+class RunResult:
+    config: TrainConfig
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+    model: nn.Module
+
+
+def _prepare_folder(out: Path, resume: bool) -> bool:
+    """Create ``out``; return whether a checkpoint is there to resume from."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"Invalid output folder: {str(out)!r} ({exc.strerror})") from None
+    has_ckpt = (out / CHECKPOINT_FILE).is_file()
+    if has_ckpt and not resume:
+        raise ValueError(
+            f"Invalid output folder: {str(out)!r} (it holds a run already; pass --resume to "
+            "continue it or choose another --out)"
+        )
+    probe = out / ".write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"Invalid output folder: {str(out)!r} (not writable: {exc.strerror})") from None
+    return has_ckpt
+
+
+def train_run(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+    stop_after_epoch: int | None = None,
+) -> RunResult:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its checkpoint exactly.
+
+    ``stop_after_epoch`` ends the run early after that epoch (for tests of interruption).
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    resuming = _prepare_folder(out, resume)
+    if resuming:
+        stored = read_config(out)
+        if stored != cfg:
+            diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v}
+            raise ValueError(
+                f"Invalid --resume: the run in {str(out)!r} was made with another config "
+                f"(stored vs given: {diff})"
+            )
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg)
+    model = make_model(cfg, data, device)
+    optimizer = build_optimizer(model, cfg.optimizer_spec())
+    loader = train_loader(cfg, data, device)
+    evaluator = test_loader(cfg, data, device)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * len(loader))
+    init_info: dict[str, Any] | None = None
+    start_epoch = 0
+    metrics: list[dict[str, Any]] = []
+    if resuming:
+        ckpt = load_checkpoint(out, device)
+        load_model_state(model, ckpt["model"], str(out / CHECKPOINT_FILE))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        loader.load_state_dict(ckpt["loader"])
+        _set_rng_state(ckpt["rng"], device)
+        start_epoch = int(ckpt["epoch"])
+        init_info = ckpt.get("sfw_init")
+        metrics = read_metrics(out)[:start_epoch]
+        _io.atomic_write_text(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+        if not quiet:
+            log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
+    else:
+        if cfg.sfw_init:
+            init_info = _run_sfw_init(cfg, data, model, optimizer, device)
+            if not quiet:
+                log(f"SFW-Init: {init_info['iters']} iterations in {init_info['seconds']:.1f}s")
+        _io.atomic_write_json(out / CONFIG_FILE, {"config": cfg.to_dict(), "provenance": provenance(device)})
+        _io.atomic_write_text(out / METRICS_FILE, "")
+
+    elapsed_before = metrics[-1]["elapsed_seconds"] if metrics else 0.0
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch + 1}
+        row.update(_train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet))
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        test = evaluate(model, evaluator, precision=cfg.precision)
+        row.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+        row["epoch_seconds"] = time.perf_counter() - t0
+        elapsed_before += row["epoch_seconds"]
+        row["elapsed_seconds"] = elapsed_before
+        metrics.append(row)
+        _io.atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "loader": loader.state_dict(), "rng": _rng_state(device),
+                "config": cfg.to_dict(), "sfw_init": init_info,
+            },
+            out / CHECKPOINT_FILE,
+        )  # fmt: skip
+        _io.append_line(out / METRICS_FILE, json.dumps(row))
+        if not quiet:
+            log(
+                f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
+                f"test acc {row['test_accuracy']:.2f}%  ({row['epoch_seconds']:.1f}s)"
+            )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    summary = {
+        "config": cfg.to_dict(),
+        "provenance": provenance(device, wall_seconds=time.perf_counter() - start),
+        "epochs_done": len(metrics),
+        "train_seconds": metrics[-1]["elapsed_seconds"] if metrics else 0.0,
+        "final": metrics[-1] if metrics else None,
+        "sfw_init": init_info,
+    }
+    if len(metrics) == cfg.epochs:
+        _io.atomic_write_json(out / SUMMARY_FILE, summary)
+    return RunResult(cfg, metrics, summary, model)
+
+
+def _train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet) -> dict[str, float]:
+    batches: Any = loader
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+    return train_epoch(model, batches, optimizer, scheduler, precision=cfg.precision, epoch=epoch)
+
+
+def _run_sfw_init(cfg, data, model, optimizer, device) -> dict[str, Any]:
+    from ..init import sfw_init
+
+    # A loader of its own (seeded from the run's seed) so the training data order is unchanged.
+    loader = train_loader(cfg, data, device, seed=cfg.seed + 7919)
+    iters = cfg.sfw_init_iters or len(loader)
+    result = sfw_init(model, optimizer, loader, iters=iters)
+    objective = result.objective
+    return {
+        "iters": result.iters,
+        "seconds": result.seconds,
+        "objective_first": objective[0] if objective else None,
+        "objective_last": objective[-1] if objective else None,
+        "scales": result.scales,
+    }

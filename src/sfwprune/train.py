@@ -1,0 +1,247 @@
+"""Fit and evaluate: the training loop, optimizers and learning-rate schedules. No file I/O.
+
+Optimizers: ``sfw`` (REFERENCE §3 defaults: lr 1.0, gradient rescale, momentum 0.9, K-sparse
+sets with k_frac 0.05 and value 15) and ``sgd`` (momentum 0.9, Nesterov, weight decay 5e-4).
+Schedules are per step: ``step`` (÷10 at 1/3 and 2/3 of training), ``cosine``, ``constant``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .constraints import constraint_groups
+from .optim import SFW
+
+Tensor = torch.Tensor
+OPTIMIZERS = ("sfw", "sgd")
+SCHEDULES = ("step", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the weights were not updated by that step."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What :func:`build_optimizer` needs; every field has the paper's default."""
+
+    name: str = "sfw"
+    lr: float | None = None  # None: 1.0 for sfw, 0.1 for sgd
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: 5e-4 for sgd (sfw takes none)
+    constraint: str = "k_sparse"
+    k_frac: float = 0.05
+    k_min: int = 10
+    value: float = 15.0
+    mode: str = "initialization"
+    rescale: str | None = "gradient"
+    constrain: str = "all"  # which tensors get the set: "all" or "weights" (dim >= 2)
+
+
+def default_lr(name: str) -> float:
+    return 1.0 if name == "sfw" else 0.1
+
+
+def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """SFW over :func:`constraint_groups` (moves the params inside their sets) or SGD."""
+    if spec.name not in OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer: {spec.name!r} (expected one of {', '.join(OPTIMIZERS)})")
+    lr = default_lr(spec.name) if spec.lr is None else spec.lr
+    if spec.name == "sgd":
+        wd = 5e-4 if spec.weight_decay is None else spec.weight_decay
+        return torch.optim.SGD(
+            model.parameters(), lr=lr, momentum=spec.momentum, nesterov=spec.momentum > 0,
+            weight_decay=wd,
+        )  # fmt: skip
+    if spec.weight_decay:
+        raise ValueError(f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)")
+    groups = constraint_groups(
+        model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.value,
+        mode=spec.mode, include=spec.constrain,
+    )  # fmt: skip
+    return SFW(groups, lr=lr, momentum=spec.momentum, rescale=spec.rescale)
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of the base lr after ``step`` of ``total_steps`` optimizer steps."""
+    if schedule == "constant":
+        return 1.0
+    t = min(step, total_steps) / max(total_steps, 1)
+    if schedule == "step":
+        return 0.1 ** ((t >= 1 / 3) + (t >= 2 / 3))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {', '.join(SCHEDULES)})")
+
+
+class _Factor:
+    """Picklable lr lambda (LambdaLR keeps non-function lambdas in its state_dict)."""
+
+    def __init__(self, schedule: str, total_steps: int):
+        lr_factor(schedule, 0, total_steps)  # validates
+        self.schedule, self.total_steps = schedule, total_steps
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(self.schedule, step, self.total_steps)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` following ``schedule``."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(schedule, total_steps))
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision not in PRECISIONS:
+        raise ValueError(f"Invalid precision: {precision!r} (expected one of {', '.join(PRECISIONS)})")
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """Top-1 ``accuracy`` (percent) and mean cross-entropy ``loss`` over ``batches``.
+
+    The model is put in eval mode for the pass and its previous mode restored.
+    """
+    was_training = model.training
+    model.eval()
+    device = _device_of(model)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                out = model(x)
+            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("Invalid evaluation data: no batches (expected at least one sample)")
+    return {"accuracy": 100.0 * float(correct) / count, "loss": float(loss_sum) / count}
+
+
+def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
+    """Zero the pruned entries (``mask == False``) of the named parameters, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask.to(params[name].dtype))
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    *,
+    masks: Mapping[str, Tensor] | None = None,
+    precision: str = "fp32",
+    epoch: int = 0,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """One pass over ``batches``; returns ``train_loss`` and ``train_accuracy`` (percent).
+
+    ``masks`` (name -> bool keep mask) keep pruned weights at zero: gradients are masked before
+    the step and weights after it (the fine-tuning baseline). A non-finite loss raises
+    :class:`NonFiniteLossError` *before* the optimizer step, so the weights stay finite.
+    """
+    model.train()
+    device = _device_of(model)
+    named = dict(model.named_parameters())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for step, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        if not bool(torch.isfinite(loss)):
+            raise NonFiniteLossError(
+                f"Non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {step + 1}: "
+                "training stopped before this step touched the weights"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if masks:
+            for name, mask in masks.items():
+                if named[name].grad is not None:
+                    named[name].grad.mul_(mask)
+        optimizer.step()
+        if masks:
+            apply_masks_(model, masks)
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (out.argmax(1) == y).sum()
+        count += y.numel()
+        if on_batch is not None:
+            on_batch(step, float(loss))
+    if count == 0:
+        raise ValueError("Invalid training data: no batches (expected at least one sample)")
+    return {"train_loss": float(loss_sum) / count, "train_accuracy": 100.0 * float(correct) / count}
+
+
+def fit(
+    model: nn.Module,
+    train_batches: Iterable[tuple[Tensor, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    eval_batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+    precision: str = "fp32",
+    start_epoch: int = 0,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train for epochs ``start_epoch .. epochs-1``; one metrics dict per epoch.
+
+    ``on_epoch_end(epoch, metrics)`` is where a caller checkpoints and logs (this module does no
+    file I/O). Example::
+
+        opt = build_optimizer(model, OptimizerSpec("sfw"))
+        fit(model, train_loader, opt, epochs=10, eval_batches=test_loader)
+    """
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"Invalid epochs: {epochs!r} (expected an integer >= 1)")
+    history = []
+    for epoch in range(start_epoch, epochs):
+        metrics: dict[str, Any] = {"epoch": epoch + 1}
+        metrics.update(
+            train_epoch(model, train_batches, optimizer, scheduler, masks=masks,
+                        precision=precision, epoch=epoch)
+        )  # fmt: skip
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if eval_batches is not None:
+            test = evaluate(model, eval_batches, precision=precision)
+            metrics.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+        history.append(metrics)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return history

@@ -1,0 +1,85 @@
+"""SparseLinear / to_sparse_inference: same outputs as dense, converted only where asked."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from sfwprune.prune import SparseLinear, prune_, to_sparse_inference
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch_shape", [(), (1,), (7,), (2, 3)])
+def test_sparse_linear_matches_dense(bias, dtype, batch_shape):
+    torch.manual_seed(0)
+    dense = nn.Linear(50, 20, bias=bias).to(dtype)
+    prune_(dense, 0.9)
+    sparse = SparseLinear.from_dense(dense)
+    x = torch.randn(*batch_shape, 50, dtype=dtype)
+    with torch.no_grad():
+        want = dense(x)
+        got = sparse(x)
+    assert got.shape == want.shape and got.dtype == dtype
+    torch.testing.assert_close(got, want)
+    assert sparse.weight.layout == torch.sparse_csr and sparse.weight._nnz() == 100
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.98, 0.99])
+def test_converted_lenet_matches_dense(make_lenet300, sparsity):
+    model = make_lenet300()
+    prune_(model, sparsity, scope="layer")
+    fast = to_sparse_inference(model, min_sparsity=0.5, min_numel=0)
+    assert [type(m) for m in fast if not isinstance(m, (nn.ReLU, nn.Flatten))] == [SparseLinear] * 3
+    assert all(type(m) is not SparseLinear for m in model)  # the original is untouched
+    for batch in (1, 256):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_large_sparse_float_layers_are_converted():
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(400, 300), nn.Linear(300, 10))
+    model = nn.Sequential(inner, nn.Linear(10, 10).double())
+    prune_(inner[0], 0.97)
+    prune_(inner[1], 0.9)
+    prune_(model[1], 0.99)
+    fast = to_sparse_inference(model, min_sparsity=0.95, min_numel=1000)
+    assert isinstance(fast[0][0], SparseLinear)  # 120k entries, 97% zeros
+    assert type(fast[0][1]) is nn.Linear  # 3000 entries, only 90% zeros
+    assert type(fast[1]) is nn.Linear  # 100 entries: too small
+    assert not fast.training
+    fast = to_sparse_inference(model, min_sparsity=0.98, min_numel=0)
+    assert type(fast[0][0]) is nn.Linear and type(fast[0][1]) is nn.Linear
+    assert isinstance(fast[1], SparseLinear)  # float64 is supported
+
+
+def test_bare_linear_and_defaults(lenet300):
+    prune_(lenet300, 0.98)  # global: the 784x300 layer ends up > 98% sparse
+    fast = to_sparse_inference(lenet300)
+    assert isinstance(fast[1], SparseLinear) and type(fast[5]) is nn.Linear
+    layer = nn.Linear(500, 500)
+    prune_(layer, 0.99)
+    assert isinstance(to_sparse_inference(layer), SparseLinear)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"min_sparsity": 1.2}, "Invalid min_sparsity: 1.2"),
+        ({"min_numel": -1}, "Invalid min_numel: -1"),
+        ({"min_numel": 2.5}, "Invalid min_numel: 2.5"),
+    ],
+)
+def test_bad_arguments_raise(lenet300, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        to_sparse_inference(lenet300, **kwargs)
+
+
+def test_sparse_linear_rejects_half_weights():
+    with pytest.raises(ValueError, match="Invalid weight"):
+        SparseLinear(torch.zeros(3, 4, dtype=torch.float16))

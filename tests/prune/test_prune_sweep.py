@@ -1,0 +1,158 @@
+"""sparsity_sweep: one ranking, levels equal prune_, the model bit-identical afterwards."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sfwprune.prune.sweep as sweep_module
+from sfwprune.prune import prune_, recalibrate_bn, sparsity_sweep
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"b:{n}": b.clone() for n, b in model.named_buffers()})
+    return state
+
+
+def assert_bit_identical(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    now = snapshot(model)
+    assert list(now) == list(state)
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+def data(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def evaluate_on(x, y):
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            out = model(x)
+        return {
+            "accuracy": (out.argmax(1) == y).float().mean().item(),
+            "loss": F.cross_entropy(out, y).item(),
+            "n": len(y),
+        }
+
+    return evaluate
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_sweep_restores_model_bit_identically(make_convbn, scope):
+    model = make_convbn()
+    model.train()  # evaluate switches to eval; the flag must come back
+    x, y = data()
+    batches = [data(s)[0] for s in (1, 2)]
+    state = snapshot(model)
+    rows = sparsity_sweep(
+        model, evaluate_on(x, y), [0.5, 0.9, 0.0, 1.0], bn_batches=batches, scope=scope
+    )
+    assert len(rows) == 4
+    assert_bit_identical(model, state)
+    assert all(m.training for m in model.modules())
+
+
+def test_each_level_equals_prune_then_recalibrate(make_convbn):
+    model = make_convbn()
+    x, y = data()
+    batches = [data(s)[0] for s in (1, 2)]
+    seen = []
+
+    def evaluate(m):
+        seen.append(snapshot(m))
+        return evaluate_on(x, y)(m)
+
+    levels = [0.3, 0.8, 0.95]
+    rows = sparsity_sweep(model, evaluate, levels, bn_batches=batches)
+    for level, state, row in zip(levels, seen, rows, strict=True):
+        ref = make_convbn()
+        prune_(ref, level)
+        recalibrate_bn(ref, batches)
+        assert_bit_identical(ref, state)
+        want = evaluate_on(x, y)(ref)
+        assert row["accuracy"] == want["accuracy"] and row["loss"] == want["loss"]
+
+
+def test_rows_have_targets_measured_sparsity_and_extra_keys(lenet300):
+    n = sum(m.weight.numel() for m in lenet300.modules() if isinstance(m, nn.Linear))
+
+    def evaluate(model):
+        return {"loss": torch.tensor(0.25), "accuracy": 0.5, "top5": 0.9, "sparsity": "ignored"}
+
+    levels = [0.0, 0.5, 0.9, 0.99]
+    rows = sparsity_sweep(lenet300, evaluate, levels)
+    assert [r["sparsity"] for r in rows] == levels
+    for r in rows:
+        assert list(r)[:4] == ["sparsity", "measured_sparsity", "accuracy", "loss"]
+        assert abs(r["measured_sparsity"] - r["sparsity"]) <= 1 / n
+        assert r["loss"] == 0.25 and isinstance(r["loss"], float) and r["top5"] == 0.9
+
+
+def test_ranks_once_for_all_levels(monkeypatch, lenet300):
+    calls = []
+    real = sweep_module.flat_scores
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "flat_scores", counting)
+    sparsity_sweep(lenet300, lambda m: {"accuracy": 0, "loss": 0}, [0.1, 0.5, 0.9, 0.99])
+    assert len(calls) == 1
+
+
+def test_seeded_random_sweep_levels_are_nested_and_match_prune(make_lenet300):
+    masks = []
+
+    def evaluate(model):
+        masks.append([m.weight != 0 for m in model.modules() if isinstance(m, nn.Linear)])
+        return {"accuracy": 0.0, "loss": 0.0}
+
+    gen = torch.Generator().manual_seed(7)
+    sparsity_sweep(make_lenet300(), evaluate, [0.5, 0.9], criterion="random", generator=gen)
+    low, high = masks
+    assert all((h <= lo).all() for lo, h in zip(low, high, strict=True))  # kept at 0.9 ⊂ at 0.5
+    ref = prune_(make_lenet300(), 0.9, criterion="random", generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(a, b) for a, b in zip(ref.values(), high, strict=True))
+
+
+def test_model_restored_when_evaluate_raises(convbn):
+    state = snapshot(convbn)
+
+    def evaluate(model):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        sparsity_sweep(convbn, evaluate, [0.9], bn_batches=[data()[0]])
+    assert_bit_identical(convbn, state)
+
+
+def test_one_shot_iterator_of_bn_batches_serves_every_level(convbn):
+    x, y = data()
+    rows = sparsity_sweep(
+        convbn, evaluate_on(x, y), [0.5, 0.9], bn_batches=iter([data(1)[0], data(2)[0]])
+    )
+    assert len(rows) == 2
+
+
+def test_bad_arguments_raise_before_touching_the_model(lenet300):
+    state = snapshot(lenet300)
+    ok = lambda m: {"accuracy": 1.0, "loss": 0.0}  # noqa: E731
+    with pytest.raises(ValueError, match=re.escape("Invalid sparsity: 1.01")):
+        sparsity_sweep(lenet300, ok, [0.5, 1.01])
+    with pytest.raises(ValueError, match=re.escape("Invalid scope: 'net'")):
+        sparsity_sweep(lenet300, ok, [0.5], scope="net")
+    with pytest.raises(ValueError, match="Invalid prune_kwargs"):
+        sparsity_sweep(lenet300, ok, [0.5], sparsity=0.5)
+    with pytest.raises(ValueError, match="missing \\['loss'\\]"):
+        sparsity_sweep(lenet300, lambda m: {"accuracy": 1.0}, [0.5])
+    assert_bit_identical(lenet300, state)
