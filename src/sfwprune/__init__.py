@@ -9,12 +9,23 @@ from .constraints import (
     constraint_groups,
     make_constraint,
 )
+from .init import SFWInitResult, sfw_init
 from .optim import SFW
+from .prune import (
+    load_pruned,
+    prune_,
+    recalibrate_bn,
+    save_pruned,
+    sparsity_report,
+    sparsity_sweep,
+    to_sparse_inference,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SFW",
+    "SFWInitResult",
     "ConstraintSet",
     "KSparsePolytope",
     "KSupportNormBall",
@@ -22,5 +33,13 @@ __all__ = [
     "Unconstrained",
     "__version__",
     "constraint_groups",
+    "load_pruned",
     "make_constraint",
+    "prune_",
+    "recalibrate_bn",
+    "save_pruned",
+    "sfw_init",
+    "sparsity_report",
+    "sparsity_sweep",
+    "to_sparse_inference",
 ]

@@ -104,7 +104,7 @@ def write_tiny_imagenet(root: Path, n_train: int = 4, n_val: int = 2) -> list[st
             img.save(images / f"{wnid}_{j}.JPEG", quality=95)
     lines = []
     count = 0
-    for j in range(n_val):
+    for _ in range(n_val):
         for label in reversed(range(len(wnids))):
             name = f"val_{count}.JPEG"
             Image.new("RGB", (64, 64), TINY_COLORS[label]).save(top / "val" / "images" / name)

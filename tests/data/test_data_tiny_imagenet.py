@@ -79,5 +79,5 @@ def test_bad_annotation_and_bad_image(tmp_path, files):
 
 
 def test_not_found_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"(?s)SFWPRUNE_DATA.*tiny-imagenet-200.zip"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)tiny-imagenet-200.zip.*SFWPRUNE_DATA"):
         load_dataset("tiny-imagenet", data_dir=tmp_path)

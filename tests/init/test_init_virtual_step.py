@@ -155,3 +155,11 @@ def test_the_second_order_term_matters() -> None:
         [torch.sum(g * p0) for g, p0 in zip(first_order, model.parameters(), strict=True)]
     )
     assert (first - numeric).abs().max() > 1e-2 * numeric.abs().max()
+
+
+def test_unknown_scale_names_raise() -> None:
+    model = _mlp()
+    opt = SFW(constraint_groups(model, "k_sparse"), lr=0.1)
+    batch = _data(model, 4, seed=0)
+    with pytest.raises(ValueError, match="Invalid scales: \\['nope'\\]"):
+        first_step_objective(model, opt, {"nope": torch.ones((), dtype=DT)}, batch, batch)

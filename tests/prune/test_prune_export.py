@@ -95,7 +95,7 @@ def test_mismatched_model_raises_and_is_left_unchanged(tmp_path, lenet300):
     with pytest.raises(ValueError, match=re.escape("missing in file: ['6.weight', '6.bias']")):
         load_pruned(path, nn.Sequential(*list(lenet300), nn.BatchNorm1d(10)))
     path = save_pruned(nn.Sequential(*list(lenet300), nn.BatchNorm1d(10, affine=False)), path)
-    with pytest.raises(ValueError, match=r"buffers do not match .*not in model: \['6.running_mean'"):
+    with pytest.raises(ValueError, match=r"buffers do not match .*model: \['6.running_mean'"):
         load_pruned(path, lenet300)
 
 

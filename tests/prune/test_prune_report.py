@@ -89,7 +89,8 @@ def test_lenet_after_global_pruning(lenet300):
 def test_format_report_table():
     text = format_report(sparsity_report(hand_made(), input_shape=(1, 5, 5)))
     lines = text.splitlines()
-    assert lines[0].split() == ["name", "shape", "numel", "zeros", "sparsity", "MACs", "nonzero", "MACs"]
+    head = ["name", "shape", "numel", "zeros", "sparsity", "MACs", "nonzero", "MACs"]
+    assert lines[0].split() == head
     assert lines[2].split() == ["0.weight", "2x1x3x3", "18", "9", "50.00%", "450", "225"]
     assert "222 params, 84 nonzero" in text and "compression 2.64x" in text
     assert "theoretical speedup 2.17x" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -26,6 +27,24 @@ def test_sparse_linear_matches_dense(bias, dtype, batch_shape):
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want)
     assert sparse.weight.layout == torch.sparse_csr and sparse.weight._nnz() == 100
+
+
+def test_sparse_linear_survives_deepcopy_state_dict_and_dtype_moves():
+    torch.manual_seed(0)
+    dense = nn.Linear(30, 8)
+    prune_(dense, 0.8)
+    sparse = SparseLinear.from_dense(dense)
+    x = torch.randn(4, 30)
+    with torch.no_grad():
+        want = dense(x)
+        torch.testing.assert_close(copy.deepcopy(sparse)(x), want)
+        twin = copy.deepcopy(sparse)
+        twin.values.zero_()  # in place: the cached CSR sees it
+        assert twin(x).eq(dense.bias).all()
+        torch.testing.assert_close(sparse(x), want)  # the original is independent
+        as64 = copy.deepcopy(sparse).double()
+        torch.testing.assert_close(as64(x.double()), want.double())
+    assert set(sparse.state_dict()) == {"crow_indices", "col_indices", "values", "bias"}
 
 
 @pytest.mark.parametrize("sparsity", [0.9, 0.98, 0.99])

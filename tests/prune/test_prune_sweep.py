@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
@@ -121,7 +120,8 @@ def test_seeded_random_sweep_levels_are_nested_and_match_prune(make_lenet300):
     sparsity_sweep(make_lenet300(), evaluate, [0.5, 0.9], criterion="random", generator=gen)
     low, high = masks
     assert all((h <= lo).all() for lo, h in zip(low, high, strict=True))  # kept at 0.9 ⊂ at 0.5
-    ref = prune_(make_lenet300(), 0.9, criterion="random", generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7)
+    ref = prune_(make_lenet300(), 0.9, criterion="random", generator=gen)
     assert all(torch.equal(a, b) for a, b in zip(ref.values(), high, strict=True))
 
 

@@ -5,7 +5,7 @@ For sample i with offsets ``(dy_i, dx_i) ∈ [0, 2p]²`` and flip bit ``f_i``:
     out_i[c, h, w] = pad_p(x_i)[c, dy_i + h, dx_i + (W-1-w if f_i else w)]
 
 which is torchvision's ``RandomCrop(size, padding=p)`` followed by ``RandomHorizontalFlip``.
-:func:`crop_flip` does it with one gather for the batch; :func:`crop_flip_reference` loops over
+:func:`crop_flip` does it with one ``gather`` for the batch; :func:`crop_flip_reference` loops over
 samples and is the ground truth it is tested against.
 """
 
@@ -46,19 +46,22 @@ def _check(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, padding: int) -> Non
 
 
 def crop_flip(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, *, padding: int = 4) -> Tensor:
-    """Vectorised crop + flip of a ``B×C×H×W`` batch (any dtype, any device); see module doc."""
+    """Vectorised crop + flip of a ``B×C×H×W`` batch (any dtype, any device); see module doc.
+
+    One ``gather`` over the flattened padded images: index ``(dy + h)·W_pad + col(w)``.
+    """
     _check(x, dy, dx, flip, padding)
     b, c, h, w = x.shape
     padded = F.pad(x, (padding,) * 4) if padding else x
+    w_pad = w + 2 * padding
     dev = x.device
     dy, dx, flip = dy.to(dev), dx.to(dev), flip.to(dev)
     ar_h = torch.arange(h, device=dev)
     ar_w = torch.arange(w, device=dev)
     rows = dy[:, None] + ar_h  # B×H
     cols = dx[:, None] + torch.where(flip[:, None], (w - 1) - ar_w, ar_w)  # B×W
-    batch = torch.arange(b, device=dev)[:, None, None, None]
-    chan = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    index = (rows[:, :, None] * w_pad + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, index).view(b, c, h, w)
 
 
 def crop_flip_reference(

@@ -159,7 +159,8 @@ def sfw_init(
                     a.clamp_(min=floor)
             trace.append(objective.detach())
 
-    values = torch.stack([a.detach() for a in alphas]).double().cpu()
+    # One host copy at the end (tensors may differ in dtype or device).
+    values = torch.stack([a.detach().to("cpu", torch.float64) for a in alphas])
     if not bool(torch.isfinite(values).all()):
         bad = [s.name for s, v in zip(specs, values.tolist(), strict=True) if not math.isfinite(v)]
         raise FloatingPointError(

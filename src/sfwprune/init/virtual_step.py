@@ -99,20 +99,21 @@ def objective_lr(specs: list[TensorSpec]) -> float:
     return lr
 
 
-def step_size(rescale: str | None, lr: float, grad: Tensor, direction: Tensor, cset) -> Tensor:
+def step_size(
+    rescale: str | None, lr: float, grad: Tensor, direction: Tensor, cset: ConstraintSet
+) -> Tensor:
     """The SFW step ``η`` in [0, 1], differentiable in ``grad`` and ``direction = v - θ``.
 
-    Unlike the optimizer's version, zero norms are guarded *before* dividing, so the backward
-    pass never multiplies 0 by inf.
+    Unlike the optimizer's version, a zero ``||θ - v||`` is replaced *before* dividing, so the
+    backward pass never multiplies 0 by inf (``vector_norm``'s own derivative at 0 is 0).
     """
     if rescale == "gradient":
-        d_sq = torch.sum(direction * direction)
-        g_sq = torch.sum(grad * grad)
-        d_ok, g_ok = d_sq > 0, g_sq > 0
-        # sqrt has an infinite derivative at 0: take it of 1 where the norm is 0.
-        d_norm = torch.sqrt(torch.where(d_ok, d_sq, torch.ones_like(d_sq)))
-        g_norm = torch.sqrt(torch.where(g_ok, g_sq, torch.ones_like(g_sq)))
-        eta = torch.where(d_ok & g_ok, lr * g_norm / d_norm, torch.zeros_like(d_norm))
+        d_norm = torch.linalg.vector_norm(direction)
+        g_norm = torch.linalg.vector_norm(grad)
+        d_ok = d_norm > 0
+        safe_d = torch.where(d_ok, d_norm, torch.ones_like(d_norm))
+        # θ already at the vertex: any η gives the same point; take 0 like the optimizer.
+        eta = torch.where(d_ok, lr * g_norm / safe_d, torch.zeros_like(d_norm))
     elif rescale == "diameter":
         eta = torch.tensor(lr / cset.l2_diameter, dtype=grad.dtype, device=grad.device)
     else:
@@ -211,6 +212,9 @@ def first_step_objective(
         >>> first_step_objective(model, opt, a, (x0, y0), (x1, y1)).backward()
     """
     specs = tensor_specs(model, optimizer, 0.0)
+    unknown = sorted(set(scales) - {s.name for s in specs})
+    if unknown:
+        raise ValueError(f"Invalid scales: {unknown!r} (not trainable parameters of the model)")
     alphas = [
         scales.get(s.name, torch.ones((), dtype=s.param.dtype, device=s.param.device))
         for s in specs

@@ -9,6 +9,7 @@ import torch
 
 from ..constraints import constraint_from_group
 from ..constraints.groups import check_kind
+from .fast import FastStepCache, sfw_step_fast
 from .reference import sfw_group_step_reference
 
 RESCALES = ("gradient", "diameter", None)
@@ -59,6 +60,10 @@ class SFW(torch.optim.Optimizer):
         diagnostics: when True, ``self.diagnostics`` holds, after each step, one dict per
             stepped tensor with ``name``, ``fw_gap`` (``<m, θ - v>``) and ``step_size`` (η)
             as 0-dim tensors. Off by default, and then free.
+        foreach: which implementation steps: ``None`` (default) or ``True`` the fast path
+            (:mod:`sfwprune.optim.fast`: multi-tensor, no dense K-sparse vertex, no host sync
+            on GPU), ``False`` the plain per-tensor reference loop. Both give the same results
+            up to rounding.
 
     Example:
         >>> opt = SFW(constraint_groups(model), lr=1.0, momentum=0.9)
@@ -73,7 +78,12 @@ class SFW(torch.optim.Optimizer):
         momentum: float = 0.9,
         rescale: str | None = "gradient",
         diagnostics: bool = False,
+        foreach: bool | None = None,
     ):
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
+        self.foreach = foreach
+        self._fast_cache = FastStepCache()
         defaults = {
             "lr": _check_lr(lr),
             "momentum": _check_momentum(momentum),
@@ -111,6 +121,14 @@ class SFW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         diagnostics: list[dict[str, Any]] | None = [] if self.track_diagnostics else None
+        if getattr(self, "foreach", None) is not False:
+            cache = getattr(self, "_fast_cache", None)
+            if cache is None:  # e.g. an optimizer restored by pickle
+                cache = self._fast_cache = FastStepCache()
+            sfw_step_fast(self.param_groups, self.state, diagnostics, cache)
+            if diagnostics is not None:
+                self.diagnostics = diagnostics
+            return loss
         for index, group in enumerate(self.param_groups):
             start = len(diagnostics) if diagnostics is not None else 0
             sfw_group_step_reference(group, self.state, diagnostics)

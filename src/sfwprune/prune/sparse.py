@@ -26,17 +26,24 @@ DEFAULT_MIN_NUMEL = 100_000
 _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 
-def _to_csr(weight: Tensor) -> Tensor:
+def _csr_parts(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(crow_indices, col_indices, values)`` of ``weight``, with int32 indices when they fit:
+    MKL's sparse kernels take int32, and int64 indices would be converted on every call."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta" is not the user's concern
         warnings.simplefilter("ignore", UserWarning)
-        return weight.detach().to_sparse_csr()
+        csr = weight.detach().to_sparse_csr()
+    crow, col, values = csr.crow_indices(), csr.col_indices(), csr.values()
+    if max(weight.shape) < 2**31 and values.numel() < 2**31:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)
+    return crow.clone(), col.clone(), values.clone()
 
 
 class SparseLinear(nn.Module):
-    """Inference-only ``nn.Linear`` with its weight as a ``torch.sparse_csr`` tensor.
+    """Inference-only ``nn.Linear`` whose weight is a ``torch.sparse_csr`` tensor.
 
-    Outputs equal the dense layer's up to float rounding (sums in a different order). Weight and
-    bias are buffers (no gradients); ``.to(device)`` moves them.
+    Outputs equal the dense layer's up to float rounding (sums in a different order). The CSR
+    parts and the bias are plain buffers (no gradients), so ``.to(device)``, ``deepcopy`` and
+    ``state_dict`` work; the CSR tensor itself is assembled from them and cached.
 
     Example:
         >>> dense = nn.Linear(784, 300)
@@ -52,14 +59,34 @@ class SparseLinear(nn.Module):
                 "(expected a 2-d float32 or float64 tensor)"
             )
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", _to_csr(weight))
+        crow, col, values = _csr_parts(weight)
+        self.register_buffer("crow_indices", crow)
+        self.register_buffer("col_indices", col)
+        self.register_buffer("values", values)
         # bias as a column (out, 1): addmm broadcasts it over the batch
         self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1, 1).clone())
+        self._csr: Tensor | None = None
+        self._csr_key: tuple | None = None
 
     @classmethod
     def from_dense(cls, layer: nn.Linear) -> SparseLinear:
         """The sparse twin of ``layer`` (same weight values, zeros dropped)."""
         return cls(layer.weight, layer.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight as a CSR tensor, rebuilt only when the buffers moved or changed."""
+        key = (self.crow_indices.data_ptr(), self.col_indices.data_ptr(), self.values.data_ptr())
+        if self._csr is None or key != self._csr_key:
+            self._csr = torch.sparse_csr_tensor(
+                self.crow_indices,
+                self.col_indices,
+                self.values,
+                (self.out_features, self.in_features),
+                check_invariants=True,  # once per rebuild: buffers may come from a state_dict
+            )
+            self._csr_key = key
+        return self._csr
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
@@ -70,11 +97,14 @@ class SparseLinear(nn.Module):
             y = torch.addmm(self.bias, self.weight, xt)  # (out, batch)
         return y.t().reshape(*lead, self.out_features)
 
+    def __getstate__(self) -> dict:
+        # the cached CSR tensor has no storage to copy or pickle; it is rebuilt from the buffers
+        return {**self.__dict__, "_csr": None, "_csr_key": None}
+
     def extra_repr(self) -> str:
-        nnz = self.weight._nnz()
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, nnz={nnz}"
+            f"bias={self.bias is not None}, nnz={self.values.numel()}"
         )
 
 

@@ -1,0 +1,289 @@
+"""Training-step time: SGD(momentum) vs sfwprune.SFW vs a naive SFW, and the pruning sweep.
+
+Prints JSON. Per model, the median over many repeats of one full training step (zero_grad,
+forward, loss, backward, optimizer step) and of the optimizer step alone, for
+1. ``torch.optim.SGD(lr=0.01, momentum=0.9)``,
+2. ``sfwprune.SFW`` with the paper's K-sparse sets (``constraint_groups(model)``: k_frac 0.05,
+   value 15; lr 1, momentum 0.9, gradient rescale),
+3. a naive SFW written here: ``torch.topk`` per tensor, a dense vertex filled by scatter, a
+   separate pass for ``||θ - v||`` and a host sync (``.item()``) per tensor.
+The three run interleaved in one process (each repeat steps all three, in rotating order), on
+the same cycle of random batches, so a noisy neighbour slows them alike. For ResNet-18 it also
+times the sparsity sweep (one ranking for 19 levels) against 19 fresh prune+evaluate runs.
+
+    python benchmarks/step_time.py --threads 1 [--repeats 200] [--device cpu|cuda] [--out f]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import sfwprune
+from sfwprune._io import atomic_write_json
+
+MODELS = {  # name: (input shape, batch size)
+    "lenet300": ((1, 28, 28), 128),
+    "lenet5": ((1, 28, 28), 128),
+    "resnet18": ((3, 32, 32), 32),
+}
+SWEEP_LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]  # 0.05 .. 0.95: 19 levels
+
+
+def build(name: str, shape: tuple[int, int, int]) -> nn.Module:
+    try:
+        from sfwprune.models import build_model
+    except ImportError:  # models package not there yet: the same architectures, inline
+        return _fallback_model(name, shape)
+    return build_model(name, input_shape=shape, num_classes=10)
+
+
+def _fallback_model(name: str, shape: tuple[int, int, int]) -> nn.Module:
+    c, h, w = shape
+    if name == "lenet300":
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(c * h * w, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+            nn.Linear(100, 10),
+        )  # fmt: skip
+    if name == "lenet5":
+        return nn.Sequential(
+            nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
+            nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+            nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10),
+        )  # fmt: skip
+
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout),
+        )  # fmt: skip
+        short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        class Block(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.body, self.short = body, short
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.relu(self.body(x) + self.short(x))
+
+        return Block()
+
+    layers: list[nn.Module] = [nn.Conv2d(c, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [block(cin, cout, stride), block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 10)]
+    return nn.Sequential(*layers)
+
+
+class NaiveSFW:
+    """The straightforward SFW step, as the issue describes it (the baseline to beat)."""
+
+    def __init__(self, groups: list[dict], lr: float = 1.0, momentum: float = 0.9):
+        self.groups, self.lr, self.momentum = groups, lr, momentum
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for p in g["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for g in self.groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                m = self.buffers.get(id(p))
+                if m is None:
+                    m = self.buffers[id(p)] = p.grad.clone()
+                else:
+                    m.mul_(self.momentum).add_(p.grad, alpha=1 - self.momentum)
+                if g["constraint"] == "unconstrained":
+                    p.add_(m, alpha=-self.lr)
+                    continue
+                flat = m.reshape(-1)
+                idx = torch.topk(flat.abs(), g["k"]).indices
+                v = torch.zeros_like(flat).scatter_(0, idx, -g["radius"] * torch.sign(flat[idx]))
+                direction = v.view_as(p) - p
+                d = torch.linalg.vector_norm(direction).item()
+                eta = min(1.0, self.lr * torch.linalg.vector_norm(m).item() / d) if d > 0 else 0.0
+                p.add_(direction, alpha=eta)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_model(name: str, device: torch.device, repeats: int, warmup: int) -> dict:
+    shape, batch = MODELS[name]
+    torch.manual_seed(0)
+    base = build(name, shape).to(device)
+    batches = [
+        (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
+        for _ in range(8)
+    ]
+    runs: dict[str, tuple[nn.Module, object]] = {}
+    model = copy.deepcopy(base)
+    runs["sgd"] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    model = copy.deepcopy(base)
+    runs["sfw"] = (model, sfwprune.SFW(sfwprune.constraint_groups(model), lr=1.0, momentum=0.9))
+    model = copy.deepcopy(base)
+    runs["naive_sfw"] = (model, NaiveSFW(sfwprune.constraint_groups(model)))
+    loss_fn = nn.CrossEntropyLoss()
+    full: dict[str, list[float]] = {k: [] for k in runs}
+    step: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for r in range(warmup + repeats):
+        x, y = batches[r % len(batches)]
+        for j in range(len(names)):
+            key = names[(r + j) % len(names)]
+            model, opt = runs[key]
+            _sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            _sync(device)
+            t1 = time.perf_counter()
+            opt.step()
+            _sync(device)
+            t2 = time.perf_counter()
+            if r >= warmup:
+                full[key].append(t2 - t0)
+                step[key].append(t2 - t1)
+    med_full = {k: statistics.median(v) * 1e3 for k, v in full.items()}
+    med_step = {k: statistics.median(v) * 1e3 for k, v in step.items()}
+    return {
+        "batch": batch,
+        "input_shape": list(shape),
+        "params": sum(p.numel() for p in base.parameters()),
+        "tensors": sum(1 for _ in base.parameters()),
+        "full_step_ms": med_full,
+        "optimizer_step_ms": med_step,
+        "full_sfw_over_sgd": med_full["sfw"] / med_full["sgd"],
+        "full_naive_over_sgd": med_full["naive_sfw"] / med_full["sgd"],
+        "step_naive_over_sfw": med_step["naive_sfw"] / med_step["sfw"],
+        "step_sfw_over_sgd": med_step["sfw"] / med_step["sgd"],
+    }
+
+
+def time_sweep(device: torch.device, eval_batches: int) -> dict:
+    """``sparsity_sweep`` (one ranking, 19 levels) vs 19 × (fresh copy, ``prune_``, evaluate)."""
+    try:
+        from sfwprune.prune import prune_, sparsity_sweep
+    except ImportError as err:
+        return {"skipped": f"sfwprune.prune not importable: {err}"}
+    shape, batch = MODELS["resnet18"]
+    torch.manual_seed(0)
+    model = build("resnet18", shape).to(device).eval()
+    data = [
+        (torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device))
+        for _ in range(eval_batches)
+    ]
+
+    @torch.no_grad()
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        correct, loss = 0, 0.0
+        for x, y in data:
+            out = net(x)
+            loss += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+        n = len(data) * batch
+        return {"accuracy": correct / n, "loss": loss / n}
+
+    _sync(device)
+    t0 = time.perf_counter()
+    sparsity_sweep(model, evaluate, SWEEP_LEVELS)
+    _sync(device)
+    t1 = time.perf_counter()
+    for s in SWEEP_LEVELS:
+        fresh = copy.deepcopy(model)
+        prune_(fresh, s)
+        evaluate(fresh)
+    _sync(device)
+    t2 = time.perf_counter()
+    t3 = time.perf_counter()
+    for _ in SWEEP_LEVELS:
+        evaluate(model)
+    _sync(device)
+    t4 = time.perf_counter()
+    return {
+        "levels": len(SWEEP_LEVELS),
+        "eval_images": eval_batches * batch,
+        "sparsity_sweep_s": t1 - t0,
+        "fresh_prune_evaluate_19x_s": t2 - t1,
+        "evaluate_only_19x_s": t4 - t3,
+        "speedup": (t2 - t1) / (t1 - t0),
+    }
+
+
+def _provenance(device: torch.device) -> dict:
+    try:
+        from sfwprune.experiments.provenance import provenance
+
+        return provenance(device)
+    except ImportError:
+        return {
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+            "device": str(device),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--repeats", type=int, default=200, help="timed steps per optimizer")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed steps per optimizer first")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
+    ap.add_argument("--resnet-repeats", type=int, default=None, help="repeats for resnet18")
+    ap.add_argument("--sweep-eval-batches", type=int, default=1, help="0 skips the sweep")
+    ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
+    args = ap.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    result: dict = {
+        "benchmark": "step_time",
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "sfwprune": sfwprune.__version__,
+        "platform": platform.platform(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "models": {},
+    }
+    for name in args.models.split(","):
+        reps = args.repeats
+        if name == "resnet18" and args.resnet_repeats is not None:
+            reps = args.resnet_repeats
+        result["models"][name] = {"repeats": reps, **time_model(name, device, reps, args.warmup)}
+    if args.sweep_eval_batches > 0 and "resnet18" in args.models.split(","):
+        result["sweep_resnet18"] = time_sweep(device, args.sweep_eval_batches)
+    result["provenance"] = _provenance(device)
+    result["wall_s"] = time.perf_counter() - start
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
