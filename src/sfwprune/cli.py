@@ -153,7 +153,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .experiments.runner import train_run
 
     cfg = _train_config(args)
-    result = train_run(cfg, args.out, resume=args.resume, quiet=args.quiet)
+    created = not args.out.exists()
+    try:
+        result = train_run(cfg, args.out, resume=args.resume, quiet=args.quiet)
+    except (ValueError, FileNotFoundError):
+        # Bad input found after the run folder was made (e.g. missing data): leave no trace.
+        if created and args.out.is_dir() and not any(args.out.iterdir()):
+            args.out.rmdir()
+        raise
     final = result.metrics[-1] if result.metrics else {}
     if final:
         print(f"{args.out}: test accuracy {final['test_accuracy']:.2f}% after {final['epoch']} epochs")

@@ -107,6 +107,9 @@ def test_wrong_version_or_not_a_pruned_file_raises(tmp_path, lenet300):
     torch.save({**obj, "version": 99}, tmp_path / "v99.pt")
     with pytest.raises(ValueError, match="format version 99"):
         load_pruned(tmp_path / "v99.pt", lenet300)
+    torch.save({k: v for k, v in obj.items() if k != "dense"}, tmp_path / "nodense.pt")
+    with pytest.raises(ValueError, match="corrupt: no dense"):
+        load_pruned(tmp_path / "nodense.pt", lenet300)
     torch.save({**obj, "values": obj["values"][:-10]}, tmp_path / "cut.pt")
     with pytest.raises(ValueError, match="corrupt data"):
         load_pruned(tmp_path / "cut.pt", lenet300)

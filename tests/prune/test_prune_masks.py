@@ -208,3 +208,15 @@ def test_nothing_to_prune_and_nan_weights_raise():
         net.weight[0, 0] = math.nan
     with pytest.raises(ValueError, match="'weight' contains NaN"):
         prune_(net, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes_give_the_float32_masks(make_lenet300, dtype):
+    # |w| rounded to the dtype may create ties, so start from weights exact in every dtype
+    net = make_lenet300()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randint(-2000, 2000, p.shape) / 1024)
+    want = prune_(copy.deepcopy(net), 0.9, scope="layer")
+    got = prune_(net.to(dtype), 0.9, scope="layer")
+    assert all(torch.equal(got[k], want[k]) for k in want)

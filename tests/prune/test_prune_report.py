@@ -97,7 +97,7 @@ def test_format_report_table():
     assert "MACs" not in format_report(sparsity_report(hand_made()))
 
 
-@pytest.mark.parametrize("shape", [(0, 5, 5), (1.5, 5), ("a",)])
+@pytest.mark.parametrize("shape", [(0, 5, 5), (1.5, 5), ("a",), 5])
 def test_bad_input_shape_raises(shape):
     with pytest.raises(ValueError, match="Invalid input_shape"):
         sparsity_report(hand_made(), input_shape=shape)

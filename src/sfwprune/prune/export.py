@@ -31,6 +31,7 @@ DTYPES = {
     "float64": torch.float64,
 }
 COMPRESSIONS = ("zlib", "lzma")
+_KEYS = ("dtype", "compression", "byteorder", "names", "shapes", "mask", "values", "dense")
 
 
 def _compress(data: bytes, method: str) -> Tensor:
@@ -168,6 +169,9 @@ def load_pruned(path: PathLike, model: nn.Module) -> nn.Module:
             f"Invalid file: {str(path)!r} (format version {obj.get('version')!r}, "
             f"this sfwprune reads version {VERSION})"
         )
+    missing = [k for k in _KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"Invalid file: {str(path)!r} (corrupt: no {', '.join(missing)})")
     if obj["byteorder"] != sys.byteorder:
         raise ValueError(f"Invalid file: {str(path)!r} (written {obj['byteorder']}-endian)")
     if obj["dtype"] not in DTYPES or obj["compression"] not in COMPRESSIONS:

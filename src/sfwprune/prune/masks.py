@@ -98,6 +98,8 @@ def flat_scores(
     for name, p in named:
         if criterion == "magnitude":
             s = p.detach().reshape(-1).abs()
+            if s.dtype in (torch.float16, torch.bfloat16):
+                s = s.float()  # exact, and every selection/sort kernel takes float32
             if torch.isnan(s).any():
                 raise ValueError(f"Invalid weights: {name!r} contains NaN (cannot rank by |w|)")
         else:

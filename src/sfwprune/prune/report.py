@@ -24,7 +24,9 @@ def _ratio(num: int, den: int) -> float:
 
 def _count_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, int]]:
     """``{weight name: (dense MACs, nonzero MACs)}`` for one sample of ``input_shape``."""
-    if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape):
+    if not isinstance(input_shape, Sequence) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
+    ):
         raise ValueError(
             f"Invalid input_shape: {input_shape!r} (expected positive ints, no batch dimension)"
         )

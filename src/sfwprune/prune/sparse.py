@@ -2,7 +2,7 @@
 
 ``y = x Wᵀ + b`` computed as ``(b 1ᵀ + W xᵀ)ᵀ`` with ``W`` in compressed sparse row form, so the
 work is ``nnz(W)`` multiply-adds per sample instead of ``numel(W)``. A sparse product has a fixed
-cost per call (about 10 µs on one CPU thread with MKL), so it only pays for large, very sparse
+cost per call (about 15 µs on one CPU thread with MKL), so it only pays for large, very sparse
 layers: see ``benchmarks/sparse_inference.py`` for the measurements behind the defaults.
 """
 
@@ -18,9 +18,11 @@ from .masks import check_sparsity
 
 Tensor = torch.Tensor
 
-# From benchmarks/sparse_inference.py (one thread, LeNet-300-100 layers): CSR wins at batch 256
-# from ~0.9 sparsity on the 784x300 and 300x100 layers, but at batch 1 the per-call overhead
-# makes it slower below ~0.95 and always slower on layers under ~100k weights.
+# benchmarks/sparse_inference.py, one thread (Xeon, torch 2.11; dense/CSR time, >1 = CSR faster):
+#   784x300:   s=0.9: 0.56 (batch 1) 1.55 (batch 256); s=0.95: 0.82 / 2.3; s=0.99: 1.14 / 3.15
+#   1000x1000: s=0.9: 1.37 / 1.92; s=0.95: 2.4 / 3.3; s=0.99: 5.4 / 6.9
+#   300x100 (30k weights): never faster at batch 1 (0.47), 1.0-1.4 at batch 256 from s=0.9
+#   100x10: never faster. Hence: large layers (>= 100k weights) at >= 95% zeros.
 DEFAULT_MIN_SPARSITY = 0.95
 DEFAULT_MIN_NUMEL = 100_000
 _SPARSE_DTYPES = (torch.float32, torch.float64)
@@ -117,9 +119,10 @@ def to_sparse_inference(
     """A copy of ``model`` whose sparse ``nn.Linear`` layers compute with a CSR weight.
 
     A layer is converted when its weight has ``sparsity >= min_sparsity`` and at least
-    ``min_numel`` entries and is float32/float64; the defaults are where the benchmark found CSR
-    faster than dense on one CPU thread at batch 1 (at large batches it wins earlier). The
-    original model is not changed.
+    ``min_numel`` entries and is float32/float64. The defaults come from the benchmark on one
+    CPU thread: there CSR beat dense at batch 256 (2-7x) and broke even or won at batch 1, while
+    smaller or denser layers lost at batch 1 to the sparse kernel's fixed cost. The original
+    model is not changed.
 
     Args:
         model: a pruned network (e.g. after :func:`prune_`).
