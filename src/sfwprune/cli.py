@@ -10,7 +10,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 EXIT_USAGE = 2
 
@@ -127,6 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", action="store_true", help="weight-magnitude histogram instead")
     p.add_argument("--tag", help="plot sweep-TAG.json")
 
+    p = sub.add_parser("reproduce", help="the Fashion-MNIST grid: every method, seeds, RESULTS.md")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    p.add_argument("--models", default="lenet300,lenet5", help="comma-separated model names")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir")
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--limit", type=int, help="first N training images only (quick checks)")
+    p.add_argument("--no-explore", action="store_true", help="skip the best-variant search")
+    p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
+    p.add_argument("--no-report", action="store_true", help="run the grid, skip RESULTS.md")
+    p.add_argument("--results", type=Path, default=Path("RESULTS.md"))
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+
     p = sub.add_parser("demo", help="the main job: SFW vs SGD on Fashion-MNIST, swept and plotted")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -156,14 +172,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     created = not args.out.exists()
     try:
         result = train_run(cfg, args.out, resume=args.resume, quiet=args.quiet)
-    except (ValueError, FileNotFoundError):
+    except (ValueError, OSError):
         # Bad input found after the run folder was made (e.g. missing data): leave no trace.
         if created and args.out.is_dir() and not any(args.out.iterdir()):
             args.out.rmdir()
         raise
     final = result.metrics[-1] if result.metrics else {}
     if final:
-        print(f"{args.out}: test accuracy {final['test_accuracy']:.2f}% after {final['epoch']} epochs")
+        print(
+            f"{args.out}: test accuracy {final['test_accuracy']:.2f}% after {final['epoch']} epochs"
+        )
     return 0
 
 
@@ -192,7 +210,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .train import evaluate
 
     if args.dtype not in _DTYPES:
-        raise ValueError(f"Invalid dtype: {args.dtype!r} (expected one of {', '.join(sorted(_DTYPES))})")
+        raise ValueError(
+            f"Invalid dtype: {args.dtype!r} (expected one of {', '.join(sorted(_DTYPES))})"
+        )
     if not args.out.parent.is_dir():
         raise FileNotFoundError(f"Invalid --out: {str(args.out)!r} (folder does not exist)")
     cfg, model, data = load_trained(args.run_dir)
@@ -205,7 +225,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
     save_pruned(model, args.out, dtype=getattr(torch, args.dtype))
     print(format_report(sparsity_report(model, input_shape=data.input_shape)))
-    print(f"test accuracy at {100 * args.sparsity:g}% sparsity: {test['accuracy']:.2f}% -> wrote {args.out}")
+    print(
+        f"test accuracy at {100 * args.sparsity:g}% sparsity: {test['accuracy']:.2f}% -> wrote {args.out}"
+    )
     return 0
 
 
@@ -249,9 +271,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments.report import write_report
+    from .experiments.reproduce import ReproduceConfig, run_reproduce
+
+    if not args.report_only:
+        rc = ReproduceConfig(
+            dataset=args.dataset, models=tuple(m for m in args.models.split(",") if m),
+            seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+            data_dir=args.data_dir, device=args.device, jobs=args.jobs,
+            explore=not args.no_explore, limit=args.limit,
+        )  # fmt: skip
+        run_reproduce(rc, args.out, log=(lambda s: None) if args.quiet else print)
+    if not args.no_report:
+        path = write_report(args.out, args.results, args.docs)
+        print(f"wrote {path}")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train, "sweep": _cmd_sweep, "prune": _cmd_prune, "plot": _cmd_plot,
-    "demo": _cmd_demo,
+    "demo": _cmd_demo, "reproduce": _cmd_reproduce,
 }  # fmt: skip
 
 
@@ -266,11 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         return _COMMANDS[args.command](args)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if not msg.startswith("sfwprune"):
-            msg = f"sfwprune: error: {msg}"
-        print(msg, file=sys.stderr)
+    except (CLIError, ValueError, OSError) as exc:  # OSError: unwritable path, disk full ...
+        print(_one_line(exc), file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("sfwprune: interrupted", file=sys.stderr)
@@ -279,9 +316,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import NonFiniteLossError
 
         if isinstance(exc, NonFiniteLossError):
-            print(f"sfwprune: error: {exc}", file=sys.stderr)
+            print(_one_line(exc), file=sys.stderr)
             return 1
         raise
+
+
+def _one_line(exc: BaseException) -> str:
+    """``sfwprune: error: <message>`` on one line (a multi-line message is joined, not cut)."""
+    if isinstance(exc, OSError) and exc.strerror and not isinstance(exc, FileNotFoundError):
+        text = f"{exc.strerror}: {exc.filename!r}" if exc.filename else exc.strerror
+    else:
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    msg = text or type(exc).__name__
+    return msg if msg.startswith("sfwprune") else f"sfwprune: error: {msg}"
 
 
 def _entry() -> None:

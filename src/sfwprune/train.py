@@ -54,7 +54,9 @@ def default_lr(name: str) -> float:
 def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     """SFW over :func:`constraint_groups` (moves the params inside their sets) or SGD."""
     if spec.name not in OPTIMIZERS:
-        raise ValueError(f"Invalid optimizer: {spec.name!r} (expected one of {', '.join(OPTIMIZERS)})")
+        raise ValueError(
+            f"Invalid optimizer: {spec.name!r} (expected one of {', '.join(OPTIMIZERS)})"
+        )
     lr = default_lr(spec.name) if spec.lr is None else spec.lr
     if spec.name == "sgd":
         wd = 5e-4 if spec.weight_decay is None else spec.weight_decay
@@ -63,7 +65,9 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
             weight_decay=wd,
         )  # fmt: skip
     if spec.weight_decay:
-        raise ValueError(f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)")
+        raise ValueError(
+            f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)"
+        )
     groups = constraint_groups(
         model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.value,
         mode=spec.mode, include=spec.constrain,
@@ -103,7 +107,9 @@ def build_scheduler(
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision not in PRECISIONS:
-        raise ValueError(f"Invalid precision: {precision!r} (expected one of {', '.join(PRECISIONS)})")
+        raise ValueError(
+            f"Invalid precision: {precision!r} (expected one of {', '.join(PRECISIONS)})"
+        )
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

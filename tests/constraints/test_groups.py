@@ -66,15 +66,26 @@ def test_params_moved_inside_and_include_filter() -> None:
     groups = constraint_groups(model, "k_sparse", value=1.0, include="weights")
     kinds = {g["name"]: g["constraint"] for g in groups}
     assert kinds == {
-        "0.weight": "k_sparse", "0.bias": "unconstrained", "1.weight": "unconstrained",
-        "1.bias": "unconstrained", "4.weight": "k_sparse", "4.bias": "unconstrained",
+        "0.weight": "k_sparse",
+        "0.bias": "unconstrained",
+        "1.weight": "unconstrained",
+        "1.bias": "unconstrained",
+        "4.weight": "k_sparse",
+        "4.bias": "unconstrained",
     }
     from sfwprune.constraints import constraint_from_group
 
     for g in groups:
         assert constraint_from_group(g, g["params"][0].numel()).contains(g["params"][0])
     skip_bn = constraint_groups(_net(), "l2", include=lambda name, p: not name.startswith("1."))
-    assert [g["constraint"] for g in skip_bn] == ["lp", "lp", "unconstrained", "unconstrained", "lp", "lp"]
+    assert [g["constraint"] for g in skip_bn] == [
+        "lp",
+        "lp",
+        "unconstrained",
+        "unconstrained",
+        "lp",
+        "lp",
+    ]
 
 
 def test_modes_radius_and_diameter() -> None:

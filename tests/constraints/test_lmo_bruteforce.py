@@ -36,7 +36,11 @@ def max_pairwise_distance(vertices: torch.Tensor) -> float:
     return float(torch.cdist(vertices, vertices).max())
 
 
-GRADS = [torch.randn(n, generator=torch.Generator().manual_seed(n * 7 + s)) for n in range(1, 6) for s in range(4)]
+GRADS = [
+    torch.randn(n, generator=torch.Generator().manual_seed(n * 7 + s))
+    for n in range(1, 6)
+    for s in range(4)
+]
 
 
 @pytest.mark.parametrize("g", GRADS, ids=lambda g: f"n{g.numel()}")
@@ -80,7 +84,9 @@ def test_lp_lmo_attains_holder_bound(p: float) -> None:
         q = 1.0 if math.isinf(p) else (math.inf if p == 1 else p / (p - 1))
         cset = LpBall(n=n, p=p, radius=0.9)
         v = cset.lmo(g)
-        assert math.isclose(float(v @ g), -0.9 * float(torch.linalg.vector_norm(g, ord=q)), rel_tol=1e-9)
+        assert math.isclose(
+            float(v @ g), -0.9 * float(torch.linalg.vector_norm(g, ord=q)), rel_tol=1e-9
+        )
         assert math.isclose(float(torch.linalg.vector_norm(v, ord=p)), 0.9, rel_tol=1e-9)
 
 
@@ -170,8 +176,12 @@ def test_zero_gradient_gives_zero_vertex() -> None:
 
 def test_hand_made_cases() -> None:
     g = torch.tensor([0.1, -3.0, 2.0, 0.0])
-    assert torch.equal(KSparsePolytope(n=4, k=2, radius=1.0).lmo(g), torch.tensor([0.0, 1.0, -1.0, 0.0]))
+    assert torch.equal(
+        KSparsePolytope(n=4, k=2, radius=1.0).lmo(g), torch.tensor([0.0, 1.0, -1.0, 0.0])
+    )
     assert torch.equal(LpBall(n=4, p=1, radius=2.0).lmo(g), torch.tensor([0.0, 2.0, 0.0, 0.0]))
-    assert torch.equal(LpBall(n=4, p=math.inf, radius=2.0).lmo(g), torch.tensor([-2.0, 2.0, -2.0, 0.0]))
+    assert torch.equal(
+        LpBall(n=4, p=math.inf, radius=2.0).lmo(g), torch.tensor([-2.0, 2.0, -2.0, 0.0])
+    )
     v = KSupportNormBall(n=4, k=2, radius=13.0).lmo(torch.tensor([0.0, 12.0, -5.0, 1.0]))
     assert torch.allclose(v, torch.tensor([0.0, -12.0, 5.0, 0.0]))

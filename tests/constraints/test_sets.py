@@ -100,9 +100,13 @@ def test_k_support_norm_is_the_gauge_of_the_ball() -> None:
 
 def test_k_support_norm_hand_example() -> None:
     # x = (1, 1, 1), k = 2: x = (1/2)[(1,1,0) + (0,1,1) + (1,0,1)], norm 3·√2/2 = √4.5
-    assert math.isclose(float(k_support_norm(torch.tensor([1.0, 1.0, 1.0]), 2)), math.sqrt(4.5), rel_tol=1e-6)
+    assert math.isclose(
+        float(k_support_norm(torch.tensor([1.0, 1.0, 1.0]), 2)), math.sqrt(4.5), rel_tol=1e-6
+    )
     # x = (3, 2, 0), k = 2: 2-sparse, so the norm is the L2 norm
-    assert math.isclose(float(k_support_norm(torch.tensor([3.0, 2.0, 0.0]), 2)), math.sqrt(13), rel_tol=1e-6)
+    assert math.isclose(
+        float(k_support_norm(torch.tensor([3.0, 2.0, 0.0]), 2)), math.sqrt(13), rel_tol=1e-6
+    )
 
 
 def test_unconstrained() -> None:

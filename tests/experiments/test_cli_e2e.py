@@ -19,7 +19,9 @@ TRAIN = ["--dataset", "synthetic", "--model", "lenet300", "--limit", "256", "--b
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "run"
-    assert main(["--quiet", "train", *TRAIN, "--epochs", "2", "--out", str(out), "--seed", "3"]) == 0
+    assert (
+        main(["--quiet", "train", *TRAIN, "--epochs", "2", "--out", str(out), "--seed", "3"]) == 0
+    )
     return out
 
 
@@ -31,7 +33,14 @@ def test_train_writes_config_metrics_checkpoint(run_dir: Path) -> None:
         assert key in prov
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
-    for key in ("train_loss", "train_accuracy", "test_accuracy", "test_loss", "lr", "epoch_seconds"):
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "test_loss",
+        "lr",
+        "epoch_seconds",
+    ):
         assert key in json.loads(lines[-1])
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and set(ckpt) >= {"model", "optimizer", "scheduler", "loader", "rng"}
@@ -109,7 +118,12 @@ def test_sgd_and_constraint_flags_recorded(tmp_path) -> None:
             "0.1", "--value", "5", "--rescale", "diameter", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())["config"]
-    assert (cfg["constraint"], cfg["k_frac"], cfg["value"], cfg["rescale"]) == ("k_support", 0.1, 5.0, "diameter")
+    assert (cfg["constraint"], cfg["k_frac"], cfg["value"], cfg["rescale"]) == (
+        "k_support",
+        0.1,
+        5.0,
+        "diameter",
+    )
 
 
 def test_config_file_and_flag_override(tmp_path) -> None:
@@ -125,12 +139,26 @@ def test_config_file_and_flag_override(tmp_path) -> None:
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["train", "--dataset", "imagenet-1k", "--out", "{tmp}/x"], "Invalid dataset: 'imagenet-1k'"),
+        (
+            ["train", "--dataset", "imagenet-1k", "--out", "{tmp}/x"],
+            "Invalid dataset: 'imagenet-1k'",
+        ),
         (["train", "--model", "resnet50", "--out", "{tmp}/x"], "Invalid model: 'resnet50'"),
         (["train", "--optimizer", "adam", "--out", "{tmp}/x"], "Invalid optimizer: 'adam'"),
         (["train", "--epochs", "many", "--out", "{tmp}/x"], "invalid int value: 'many'"),
         (["train", "--bogus-flag", "--out", "{tmp}/x"], "unrecognized arguments"),
-        (["train", "--dataset", "cifar10", "--data-dir", "{tmp}/nothing-here", "--out", "{tmp}/x"], "CIFAR-10"),
+        (
+            [
+                "train",
+                "--dataset",
+                "cifar10",
+                "--data-dir",
+                "{tmp}/nothing-here",
+                "--out",
+                "{tmp}/x",
+            ],
+            "CIFAR-10",
+        ),
         (["sweep", "{tmp}", "--sparsities", "0.5,1.5"], "Invalid sparsity: 1.5"),
         (["sweep", "{tmp}", "--sparsities", "nan"], "Invalid sparsity"),
         (["sweep", "{tmp}/no-run"], "no config.json"),

@@ -60,7 +60,9 @@ def test_rescale_diameter_and_none() -> None:
         opt = SFW([group], lr=0.5, momentum=0.0, rescale=rescale)
         theta.grad = torch.tensor([0.0, 3.0, 0.0, 0.0], dtype=torch.float64)
         opt.step()  # D = 2τ√K = 2
-        assert torch.allclose(theta.detach(), torch.tensor([0.0, -eta, 0.0, 0.0], dtype=torch.float64))
+        assert torch.allclose(
+            theta.detach(), torch.tensor([0.0, -eta, 0.0, 0.0], dtype=torch.float64)
+        )
 
 
 def test_unconstrained_params_take_averaged_gradient_step() -> None:
@@ -83,8 +85,13 @@ def test_loss_decreases_and_fw_gap_shrinks_on_convex_problem() -> None:
     w_true[:3] = torch.tensor([3.0, -2.0, 1.5])
     y = (x @ w_true > 0).to(torch.float64)
     w = nn.Parameter(torch.zeros(30, dtype=torch.float64))
-    opt = SFW([{"params": [w], "constraint": "l1", "radius": 5.0}], lr=1.0, momentum=0.0,
-              rescale=None, diagnostics=True)
+    opt = SFW(
+        [{"params": [w], "constraint": "l1", "radius": 5.0}],
+        lr=1.0,
+        momentum=0.0,
+        rescale=None,
+        diagnostics=True,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 2.0 / (t + 2.0))
     losses, gaps = [], []
     for _ in range(300):

@@ -181,7 +181,11 @@ def constraint_groups(
             continue
         numel = param.numel()
         this_kind = kind if chosen(name, param) else "unconstrained"
-        k = k_from_fraction(numel, k_frac, k_min) if this_kind in ("k_sparse", "k_support") else None
+        k = (
+            k_from_fraction(numel, k_frac, k_min)
+            if this_kind in ("k_sparse", "k_support")
+            else None
+        )
         size: dict[str, float] = {}
         if this_kind != "unconstrained":
             if mode == "initialization":

@@ -154,7 +154,9 @@ def parse_sparsities(text: str) -> list[float]:
         try:
             s = float(item)
         except ValueError:
-            raise ValueError(f"Invalid sparsity: {item!r} (expected numbers in [0, 1], comma-separated)") from None
+            raise ValueError(
+                f"Invalid sparsity: {item!r} (expected numbers in [0, 1], comma-separated)"
+            ) from None
         if not 0.0 <= s <= 1.0:  # also refuses NaN
             raise ValueError(f"Invalid sparsity: {s!r} (expected a number in [0, 1])")
         out.append(s)

@@ -7,8 +7,9 @@ Writes ``OUT/{sfw,sgd}/`` (runs with their sweeps), ``OUT/accuracy_vs_sparsity.p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import _io
 from .config import DEFAULT_SPARSITIES, TrainConfig
@@ -21,7 +22,9 @@ DEMO_EPOCHS = 8
 
 
 def demo_configs(epochs: int, data_dir: str | None = None, seed: int = 0) -> dict[str, TrainConfig]:
-    base = dict(dataset="fashion-mnist", model="lenet300", epochs=epochs, data_dir=data_dir, seed=seed)
+    base = dict(
+        dataset="fashion-mnist", model="lenet300", epochs=epochs, data_dir=data_dir, seed=seed
+    )
     return {
         "sfw": TrainConfig(optimizer="sfw", **base).validate(),
         "sgd": TrainConfig(optimizer="sgd", **base).validate(),

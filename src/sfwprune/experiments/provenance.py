@@ -51,7 +51,9 @@ def device_description(device: torch.device | str) -> str:
     return f"cpu:{platform.processor() or platform.machine()}"
 
 
-def provenance(device: torch.device | str = "cpu", wall_seconds: float | None = None) -> dict[str, Any]:
+def provenance(
+    device: torch.device | str = "cpu", wall_seconds: float | None = None
+) -> dict[str, Any]:
     """The record every results file carries."""
     out: dict[str, Any] = {
         "git_revision": git_revision(),

@@ -2,21 +2,28 @@
 
 A checkpoint is written atomically at the end of every epoch and holds everything a resumed run
 needs to continue exactly: model, optimizer, schedule, data-order and RNG states, epoch.
+
+Under ``torchrun`` (see :mod:`sfwprune.distributed` and docs/scaling.md) ``batch_size`` stays the
+global batch, split evenly over the ranks; rank 0 alone writes the files, and metrics are sums
+over all ranks, so a run's files look the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .. import _io
 from ..data import Dataset, DeviceLoader, load_dataset
+from ..distributed import DistContext, distributed, local_batch_size
 from ..models import build_model
 from ..train import build_optimizer, build_scheduler, evaluate, train_epoch
 from .config import TrainConfig
@@ -38,20 +45,34 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: TrainConfig) -> Dataset:
-    return load_dataset(cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size)
+    return load_dataset(
+        cfg.dataset, data_dir=cfg.data_dir, limit=cfg.limit, image_size=cfg.image_size
+    )
 
 
 def make_model(cfg: TrainConfig, data: Dataset, device: torch.device) -> nn.Module:
-    model = build_model(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=cfg.seed)
+    model = build_model(
+        cfg.model, input_shape=data.input_shape, num_classes=data.num_classes, seed=cfg.seed
+    )
     return model.to(device)
 
 
 def train_loader(
-    cfg: TrainConfig, data: Dataset, device: torch.device, *, seed: int | None = None, **kw: Any
+    cfg: TrainConfig,
+    data: Dataset,
+    device: torch.device,
+    *,
+    seed: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    **kw: Any,
 ) -> DeviceLoader:
+    """The shuffled training loader; with ``world_size`` ranks, rank ``rank``'s shard of every
+    epoch with ``cfg.batch_size / world_size`` samples per batch (the global batch is kept)."""
     return DeviceLoader.from_dataset(
-        data, "train", batch_size=cfg.batch_size, shuffle=True, augment=cfg.use_augment,
-        device=device, drop_last=False, generator=cfg.seed if seed is None else seed, **kw,
+        data, "train", batch_size=local_batch_size(cfg.batch_size, world_size), shuffle=True,
+        augment=cfg.use_augment, device=device, drop_last=False,
+        generator=cfg.seed if seed is None else seed, rank=rank, world_size=world_size, **kw,
     )  # fmt: skip
 
 
@@ -153,7 +174,9 @@ def _prepare_folder(out: Path, resume: bool) -> bool:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise ValueError(f"Invalid output folder: {str(out)!r} (not writable: {exc.strerror})") from None
+        raise ValueError(
+            f"Invalid output folder: {str(out)!r} (not writable: {exc.strerror})"
+        ) from None
     return has_ckpt
 
 
@@ -169,73 +192,93 @@ def train_run(
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its checkpoint exactly.
 
     ``stop_after_epoch`` ends the run early after that epoch (for tests of interruption).
+    Started by ``torchrun`` (or inside a process group the caller set up) it trains
+    data-parallel (:mod:`sfwprune.distributed`): rank 0 writes the files and logs, and every
+    rank returns the same metrics and weights.
     """
     cfg.validate()
-    out = Path(out_dir)
-    resuming = _prepare_folder(out, resume)
-    if resuming:
-        stored = read_config(out)
-        if stored != cfg:
-            diff = {k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v}
-            raise ValueError(
-                f"Invalid --resume: the run in {str(out)!r} was made with another config "
-                f"(stored vs given: {diff})"
-            )
+    with distributed(cfg.device) as ctx:
+        return _train_run(
+            ctx, cfg, Path(out_dir), resume=resume, quiet=quiet or not ctx.is_main, log=log,
+            stop_after_epoch=stop_after_epoch,
+        )  # fmt: skip
+
+
+def _train_run(
+    ctx: DistContext,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool,
+    quiet: bool,
+    log: Callable[[str], None],
+    stop_after_epoch: int | None,
+) -> RunResult:
+    resuming = ctx.main_only(lambda: _check_folder(cfg, out, resume))
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = ctx.device
     torch.manual_seed(cfg.seed)
-    data = load_data(cfg)
+    data = ctx.main_first(lambda: load_data(cfg))  # rank 0 first: it may fill a cache
     model = make_model(cfg, data, device)
+    channels_last = use_channels_last(model, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The optimizer on the plain model, before DDP wraps it: the sets are sized from the same
+    # seeded initialization on every rank, and DDP then broadcasts rank 0's weights anyway.
     optimizer = build_optimizer(model, cfg.optimizer_spec())
-    loader = train_loader(cfg, data, device)
-    evaluator = test_loader(cfg, data, device)
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size, "channels_last": channels_last}
+    loader = train_loader(cfg, data, device, **shard)
+    evaluator = test_loader(cfg, data, device, **shard)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * len(loader))
     init_info: dict[str, Any] | None = None
     start_epoch = 0
     metrics: list[dict[str, Any]] = []
     if resuming:
-        ckpt = load_checkpoint(out, device)
+        ckpt = load_checkpoint(out, device)  # every rank reads it (weights_only=True)
         load_model_state(model, ckpt["model"], str(out / CHECKPOINT_FILE))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        loader.load_state_dict(ckpt["loader"])
+        loader.load_state_dict(_local_loader_state(ckpt["loader"], loader, cfg))
         _set_rng_state(ckpt["rng"], device)
         start_epoch = int(ckpt["epoch"])
         init_info = ckpt.get("sfw_init")
-        metrics = read_metrics(out)[:start_epoch]
-        _io.atomic_write_text(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+        metrics = ctx.main_only(lambda: _truncate_metrics(out, start_epoch))
         if not quiet:
             log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs}")
+            saved_world = int(ckpt.get("world_size", 1))
+            if saved_world != ctx.world_size:
+                log(f"note: checkpoint made with {saved_world} processes, resuming with "
+                    f"{ctx.world_size}: same data order, different rounding")  # fmt: skip
     else:
         if cfg.sfw_init:
-            init_info = _run_sfw_init(cfg, data, model, optimizer, device)
+            # Every rank runs the same SFW-Init on the same (unsharded) batches.
+            init_info = _run_sfw_init(cfg, data, model, optimizer, device, channels_last)
             if not quiet:
                 log(f"SFW-Init: {init_info['iters']} iterations in {init_info['seconds']:.1f}s")
-        _io.atomic_write_json(out / CONFIG_FILE, {"config": cfg.to_dict(), "provenance": provenance(device)})
-        _io.atomic_write_text(out / METRICS_FILE, "")
+        ctx.main_only(lambda: _write_start_files(out, cfg, ctx))
+    net = ctx.wrap(model)
 
     elapsed_before = metrics[-1]["elapsed_seconds"] if metrics else 0.0
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1}
-        row.update(_train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet))
+        local = _train_one_epoch(net, loader, optimizer, scheduler, cfg, epoch, quiet)
+        row.update(_sum_train_metrics(ctx, local, loader.num_samples))
         row["lr"] = optimizer.param_groups[0]["lr"]
-        test = evaluate(model, evaluator, precision=cfg.precision)
+        ctx.sync_buffers_(model)  # rank 0's BN statistics: the ones the checkpoint holds
+        test = _evaluate(ctx, model, evaluator, cfg.precision)
         row.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
         row["epoch_seconds"] = time.perf_counter() - t0
         elapsed_before += row["epoch_seconds"]
         row["elapsed_seconds"] = elapsed_before
         metrics.append(row)
-        _io.atomic_torch_save(
-            {
-                "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(), "rng": _rng_state(device),
-                "config": cfg.to_dict(), "sfw_init": init_info,
-            },
-            out / CHECKPOINT_FILE,
-        )  # fmt: skip
-        _io.append_line(out / METRICS_FILE, json.dumps(row))
+        ckpt = {
+            "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "loader": _global_loader_state(loader, cfg), "rng": _rng_state(device),
+            "config": cfg.to_dict(), "sfw_init": init_info, "world_size": ctx.world_size,
+        }  # fmt: skip
+        ctx.main_only(functools.partial(_write_epoch, out, ckpt, row))  # the others wait
         if not quiet:
             log(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
@@ -245,15 +288,100 @@ def train_run(
             break
     summary = {
         "config": cfg.to_dict(),
-        "provenance": provenance(device, wall_seconds=time.perf_counter() - start),
+        "provenance": _provenance(ctx, wall_seconds=time.perf_counter() - start),
         "epochs_done": len(metrics),
         "train_seconds": metrics[-1]["elapsed_seconds"] if metrics else 0.0,
         "final": metrics[-1] if metrics else None,
         "sfw_init": init_info,
     }
     if len(metrics) == cfg.epochs:
-        _io.atomic_write_json(out / SUMMARY_FILE, summary)
+        ctx.main_only(lambda: _io.atomic_write_json(out / SUMMARY_FILE, summary))
     return RunResult(cfg, metrics, summary, model)
+
+
+def use_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """Whether to run ``model`` in ``channels_last``: on CUDA, for models with 2-d convolutions
+    (tensor cores read NHWC; an MLP gains nothing)."""
+    return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _check_folder(cfg: TrainConfig, out: Path, resume: bool) -> bool:
+    """Rank 0: prepare ``out``; with a checkpoint there, check it was made with ``cfg``."""
+    resuming = _prepare_folder(out, resume)
+    if resuming:
+        stored = read_config(out)
+        if stored != cfg:
+            diff = {
+                k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v
+            }
+            raise ValueError(
+                f"Invalid --resume: the run in {str(out)!r} was made with another config "
+                f"(stored vs given: {diff})"
+            )
+    return resuming
+
+
+def _provenance(ctx: DistContext, **kw: Any) -> dict[str, Any]:
+    return {**provenance(ctx.device, **kw), **ctx.describe()}
+
+
+def _write_start_files(out: Path, cfg: TrainConfig, ctx: DistContext) -> None:
+    _io.atomic_write_json(
+        out / CONFIG_FILE, {"config": cfg.to_dict(), "provenance": _provenance(ctx)}
+    )
+    _io.atomic_write_text(out / METRICS_FILE, "")
+
+
+def _truncate_metrics(out: Path, epochs: int) -> list[dict[str, Any]]:
+    """The metrics rows of the first ``epochs`` epochs, rewritten as the file's whole content."""
+    metrics = read_metrics(out)[:epochs]
+    _io.atomic_write_text(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
+    return metrics
+
+
+def _write_epoch(out: Path, ckpt: dict[str, Any], row: dict[str, Any]) -> None:
+    _io.atomic_torch_save(ckpt, out / CHECKPOINT_FILE)
+    _io.append_line(out / METRICS_FILE, json.dumps(row))
+
+
+def _global_loader_state(loader: DeviceLoader, cfg: TrainConfig) -> dict[str, Any]:
+    """The loader's state as one process holds it (global batch, no shard): ranks share the
+    generator, and batch ``b`` of a shard is its part of global batch ``b``."""
+    return {**loader.state_dict(), "world_size": 1, "batch_size": cfg.batch_size}
+
+
+def _local_loader_state(
+    state: dict[str, Any], loader: DeviceLoader, cfg: TrainConfig
+) -> dict[str, Any]:
+    if state.get("world_size") == 1 and state.get("batch_size") == cfg.batch_size:
+        return {**state, "world_size": loader.world_size, "batch_size": loader.batch_size}
+    return state  # not ours: load_state_dict says what does not fit
+
+
+def _sum_train_metrics(ctx: DistContext, local: dict[str, float], count: int) -> dict[str, float]:
+    """Loss and accuracy over all ranks' samples (each rank's are means over ``count``)."""
+    if not ctx.is_distributed:
+        return local
+    loss_sum, correct, total = ctx.all_reduce_sum(
+        [local["train_loss"] * count, round(local["train_accuracy"] * count / 100), count]
+    )
+    return {"train_loss": loss_sum / total, "train_accuracy": 100.0 * correct / total}
+
+
+def _evaluate(
+    ctx: DistContext, model: nn.Module, evaluator: DeviceLoader, precision: str
+) -> dict[str, float]:
+    """Test metrics over the whole test set: each rank evaluates its strided part, sums reduced."""
+    if not ctx.is_distributed:
+        return evaluate(model, evaluator, precision=precision)
+    count = evaluator.num_samples
+    local = (
+        evaluate(model, evaluator, precision=precision) if count else {"loss": 0.0, "accuracy": 0.0}
+    )
+    loss_sum, correct, total = ctx.all_reduce_sum(
+        [local["loss"] * count, round(local["accuracy"] * count / 100), count]
+    )
+    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total}
 
 
 def _train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet) -> dict[str, float]:
@@ -265,11 +393,11 @@ def _train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet) -> 
     return train_epoch(model, batches, optimizer, scheduler, precision=cfg.precision, epoch=epoch)
 
 
-def _run_sfw_init(cfg, data, model, optimizer, device) -> dict[str, Any]:
+def _run_sfw_init(cfg, data, model, optimizer, device, channels_last=False) -> dict[str, Any]:
     from ..init import sfw_init
 
     # A loader of its own (seeded from the run's seed) so the training data order is unchanged.
-    loader = train_loader(cfg, data, device, seed=cfg.seed + 7919)
+    loader = train_loader(cfg, data, device, seed=cfg.seed + 7919, channels_last=channels_last)
     iters = cfg.sfw_init_iters or len(loader)
     result = sfw_init(model, optimizer, loader, iters=iters)
     objective = result.objective

@@ -3,18 +3,19 @@
 Same math as :mod:`sfwprune.optim.reference` (``m ← ρm + (1-ρ)g``, ``v = lmo(m)``,
 ``θ ← θ + η(v - θ)``), computed differently:
 
-- Momentum for all tensors at once with ``torch._foreach_*`` (one bucket per ρ).
+- Momentum for all tensors at once with ``torch._foreach_lerp_`` (one bucket per ρ).
 - Sparse sets (K-sparse, L1 = K-sparse with K = 1, K-support) never build the dense vertex.
   With ``S`` the top-K coordinates of ``|m|`` (exact; see :mod:`.topk`)::
 
-      ||θ - v||² = ||θ with θ_S := 0||² + ||θ_S - v_S||²     (no cancellation)
+      ||θ - v||² = ||θ with θ_S := 0||² + ||θ_S - v_S||²      (no cancellation)
       θ ← (1-η) θ   off S;     θ_S ← θ_S + η (v_S - θ_S)   on S
 
-  so a step is a few dense passes (|m|, a compare, two norms, one scale) plus O(K) work.
-- CPU float tensors run that kernel through NumPy views of the same memory (tiny per-call
-  overhead, fast compare/compaction) with the previous step's K-th value as the selection hint.
-  Other tensors (CUDA, half precision) use ``torch.topk`` and keep every ``η`` on the device as a
-  0-dim tensor: no host synchronisation, norms and scalings batched with ``torch._foreach_*``.
+  so a step is a few dense passes (|m|, a compare, two dot products, one scaling) plus O(K).
+- CPU float tensors run that through NumPy views of the same memory (small per-call cost,
+  fast compare and compaction); large ones keep their top-K candidates between steps
+  (:class:`.topk.TopKTracker`), small ones are stepped together as one concatenation.
+- Other tensors (CUDA, half precision) use ``torch.topk``, keep every ``η`` on the device as a
+  0-dim tensor (no host synchronisation) and batch norms and scalings with ``torch._foreach_*``.
 - Dense L_p vertices (p > 1) are dense by nature: the reference arithmetic, in place.
 """
 
@@ -30,9 +31,11 @@ import torch
 from ..constraints import constraint_from_group
 from ..constraints.lp_ball import lp_ball_lmo
 from .reference import step_size
-from .topk import select_top_k
+from .topk import TopKTracker
 
 Tensor = torch.Tensor
+# CPU tensors up to this many elements are stepped together, as one NumPy concatenation.
+TINY = 4096
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
@@ -48,37 +51,6 @@ class _Spec:
     p: float = 0.0
 
 
-class FastStepCache:
-    """What the fast step remembers between calls; none of it changes results.
-
-    ``specs``: resolved sets per (group values, numel). ``vectors``: per-device hyperparameter
-    vectors (rebuilt when a value changes). ``steps``: calls so far (varies the top-K sample).
-    ``use_numpy``: CPU float tensors take the NumPy kernel; ``False`` forces the torch kernel
-    that CUDA tensors use (for tests and comparisons).
-    """
-
-    def __init__(self) -> None:
-        self.specs: dict[tuple, _Spec] = {}
-        self.vectors: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
-        self.steps = 0
-        self.use_numpy = True
-        self._scratch: dict[np.dtype, np.ndarray] = {}
-
-    def scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
-        """A reusable 1-d work array of ``n`` elements (one per dtype, grown as needed)."""
-        buf = self._scratch.get(dtype)
-        if buf is None or buf.size < n:
-            buf = self._scratch[dtype] = np.empty(n, dtype=dtype)
-        return buf[:n]
-
-    def spec(self, group: dict[str, Any], n: int) -> _Spec:
-        key = (group.get("constraint"), group.get("k"), group.get("p"), group.get("radius"), n)
-        found = self.specs.get(key)
-        if found is None:
-            found = self.specs[key] = _resolve(group, n)
-        return found
-
-
 def _resolve(group: dict[str, Any], n: int) -> _Spec:
     cset = constraint_from_group(group, n)
     if cset.kind == "unconstrained":
@@ -92,12 +64,58 @@ def _resolve(group: dict[str, Any], n: int) -> _Spec:
     return _Spec("dense", 0, cset.radius, cset.l2_diameter, cset.p)
 
 
+def _spec_key(group: dict[str, Any], n: int) -> tuple:
+    return (group.get("constraint"), group.get("k"), group.get("p"), group.get("radius"), n)
+
+
+class FastStepCache:
+    """What the fast step keeps between calls; none of it changes results.
+
+    ``specs``: resolved sets per (group values, numel). ``plan``: how each tensor is stepped,
+    rebuilt when the tensors, their storage or their sets change. ``trackers``: top-K state of
+    large CPU tensors. ``vectors``: per-device hyperparameter vectors. ``use_numpy``: CPU float
+    tensors take the NumPy kernels; ``False`` forces the torch kernel that CUDA tensors use.
+    """
+
+    def __init__(self) -> None:
+        self.specs: dict[tuple, _Spec] = {}
+        self.plan: _Plan | None = None
+        self.plan_key: tuple | None = None
+        self.trackers: dict[int, TopKTracker] = {}
+        self.vectors: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self.use_numpy = True
+        self._scratch: dict[np.dtype, np.ndarray] = {}
+
+    def spec(self, group: dict[str, Any], n: int) -> _Spec:
+        key = _spec_key(group, n)
+        found = self.specs.get(key)
+        if found is None:
+            found = self.specs[key] = _resolve(group, n)
+        return found
+
+    def scratch(self, n: int, dtype: np.dtype) -> np.ndarray:
+        """A reusable 1-d work array of ``n`` elements (one per dtype, grown as needed)."""
+        buf = self._scratch.get(dtype)
+        if buf is None or buf.size < n:
+            buf = self._scratch[dtype] = np.empty(n, dtype=dtype)
+        return buf[:n]
+
+
 def _fixed_eta(rescale: str | None, lr: float, l2_diameter: float) -> float:
     return min(max(lr / l2_diameter if rescale == "diameter" else lr, 0.0), 1.0)
 
 
+def _eta(group: dict, spec: _Spec, mm: float, d2: float) -> float:
+    """``η`` as a Python float from ``||m||²`` and ``||θ - v||²`` (NaN propagates)."""
+    lr, rescale = float(group["lr"]), group["rescale"]
+    if rescale != "gradient":
+        return _fixed_eta(rescale, lr, spec.l2_diameter)
+    eta = lr * math.sqrt(mm / d2) if d2 > 0 else 0.0
+    return min(max(eta, 0.0), 1.0) if eta == eta else eta
+
+
 def _memory_flat(p: Tensor, m: Tensor) -> tuple[Tensor, Tensor] | None:
-    """1-d views of ``p`` and ``m`` in memory order (same order for both), or None.
+    """1-d views of ``p`` and ``m`` in memory order (the same order for both), or None.
 
     Top-K and the update are permutation-equivariant, so any common order will do; memory
     order keeps channels_last tensors as views.
@@ -155,12 +173,14 @@ def _sparse_numpy(
     m: np.ndarray,
     spec: _Spec,
     group: dict,
-    cache: FastStepCache,
+    tracker: TopKTracker,
+    scratch: np.ndarray,
     want_gap: bool,
 ) -> tuple[float, float | None]:
-    """One sparse-set step on 1-d NumPy views, in place; returns ``(η, fw_gap or None)``."""
-    a = np.abs(m, out=cache.scratch(m.size, m.dtype))
-    idx, _, _ = select_top_k(a, spec.k, offset=cache.steps)
+    """One sparse-set step of a large tensor on 1-d NumPy views, in place: ``(η, fw_gap)``."""
+    a = np.abs(m, out=scratch)
+    mm = float(np.dot(a, a))
+    idx = tracker.select(a, spec.k, mm)
     m_s, th_s = m.take(idx), theta.take(idx)
     if spec.op == "scaled":
         norm = max(math.sqrt(float(np.dot(m_s, m_s))), np.finfo(m.dtype).tiny)
@@ -171,13 +191,8 @@ def _sparse_numpy(
     d_s = v_s - th_s  # (v - θ) on S
     gap = float(np.dot(m, theta)) - float(np.dot(m_s, v_s)) if want_gap else None
     theta[idx] = 0.0
-    lr, rescale = float(group["lr"]), group["rescale"]
-    if rescale == "gradient":
-        d2 = float(np.dot(theta, theta)) + float(np.dot(d_s, d_s))
-        eta = lr * math.sqrt(float(np.dot(a, a)) / d2) if d2 > 0 else 0.0
-        eta = min(max(eta, 0.0), 1.0) if eta == eta else eta
-    else:
-        eta = _fixed_eta(rescale, lr, spec.l2_diameter)
+    d2 = float(np.dot(theta, theta)) + float(np.dot(d_s, d_s))
+    eta = _eta(group, spec, mm, d2)
     theta *= 1.0 - eta
     d_s *= eta
     d_s += th_s
@@ -185,37 +200,110 @@ def _sparse_numpy(
     return eta, gap
 
 
+class _TinyBatch:
+    """Small CPU tensors of one dtype, stepped as one concatenation (few NumPy calls in all).
+
+    Per-tensor sums are ``np.bincount`` over segment ids; only the top-K partition runs per
+    tensor.
+    """
+
+    def __init__(self, entries: list[tuple], dtype: np.dtype) -> None:
+        # entries: (item index, param, θ view, m view, spec)
+        self.index = [e[0] for e in entries]
+        self.params = [e[1] for e in entries]
+        self.thetas = [e[2] for e in entries]
+        self.ms = [e[3] for e in entries]
+        self.specs = [e[4] for e in entries]
+        sizes = np.array([t.size for t in self.thetas])
+        ks = np.array([s.k for s in self.specs])
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        count = len(entries)
+        self.bounds = [(int(s), int(e), int(k)) for s, e, k in zip(starts, ends, ks)]
+        # k == n: every coordinate is selected, in index order
+        self.fixed = [np.arange(s, e) if k >= e - s else None for s, e, k in self.bounds]
+        self.seg = np.repeat(np.arange(count), sizes)
+        self.seg_s = np.repeat(np.arange(count), ks)
+        self.radius_s = np.repeat([s.radius for s in self.specs], ks).astype(dtype)
+        scaled = np.array([s.op == "scaled" for s in self.specs])
+        self.scaled_s = np.repeat(scaled, ks) if scaled.any() else None
+        self.m_all = np.empty(int(sizes.sum()), dtype=dtype)
+        self.theta_all = np.empty(int(sizes.sum()), dtype=dtype)
+        self.tiny = np.finfo(dtype).tiny
+
+    def step(self, groups: list[dict], want_gap: bool) -> tuple[list[float], list | None]:
+        count = len(self.thetas)
+        m, theta = self.m_all, self.theta_all
+        np.concatenate(self.ms, out=m)
+        np.concatenate(self.thetas, out=theta)
+        a = np.abs(m)
+        parts = []
+        for (s, e, k), fixed in zip(self.bounds, self.fixed):
+            if fixed is None:
+                parts.append(np.argpartition(a[s:e], e - s - k)[e - s - k :] + s)
+            else:
+                parts.append(fixed)
+        idx = np.concatenate(parts)  # segment-major: matches seg_s
+        m_s, th_s = m[idx], theta[idx]
+        v_s = np.sign(m_s)
+        v_s *= -self.radius_s
+        if self.scaled_s is not None:
+            norm = np.sqrt(np.bincount(self.seg_s, m_s * m_s, count))
+            coef = -self.radius_s / np.maximum(norm, self.tiny)[self.seg_s]
+            v_s = np.where(self.scaled_s, m_s * coef, v_s).astype(m.dtype)
+        d_s = v_s - th_s
+        gaps = None
+        if want_gap:
+            gaps = np.bincount(self.seg, m * theta, count) - np.bincount(
+                self.seg_s, m_s * v_s, count
+            )
+        theta[idx] = 0.0
+        d2 = np.bincount(self.seg, theta * theta, count) + np.bincount(self.seg_s, d_s * d_s, count)
+        mm = np.bincount(self.seg, a * a, count)
+        etas = [_eta(g, s, float(x), float(y)) for g, s, x, y in zip(groups, self.specs, mm, d2)]
+        eta = np.array(etas)
+        theta *= (1.0 - eta)[self.seg]
+        d_s *= eta[self.seg_s]
+        d_s += th_s
+        theta[idx] = d_s
+        for (s, e, _), view in zip(self.bounds, self.thetas):
+            view[...] = theta[s:e]
+        return etas, None if gaps is None else gaps.tolist()
+
+
 def _hyper_vectors(
-    cache: FastStepCache, entries: list[tuple], device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
+    cache: FastStepCache, entries: list[tuple], groups: list[dict], device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(lr, fixed η, uses-gradient-rescale) per entry, as device tensors, cached by value."""
     values = tuple(
-        (float(g["lr"]), g["rescale"], spec.l2_diameter) for (_, _, _, _, spec, g) in entries
+        (float(g["lr"]), g["rescale"], e[4].l2_diameter) for e, g in zip(entries, groups)
     )
     key = (device, dtype, values)
     found = cache.vectors.get(key)
     if found is None:
         if len(cache.vectors) > 64:
             cache.vectors.clear()
-        lr = torch.tensor([v[0] for v in values], dtype=dtype, device=device)
-        fixed = torch.tensor([_fixed_eta(r, lr_, d) for lr_, r, d in values], dtype=dtype)
+        lr = torch.tensor([v[0] for v in values], dtype=dtype)
+        fixed = torch.tensor([_fixed_eta(r, x, d) for x, r, d in values], dtype=dtype)
         grad = torch.tensor([r == "gradient" for _, r, _ in values], dtype=torch.bool)
-        found = cache.vectors[key] = (lr, fixed.to(device), grad.to(device))
+        found = cache.vectors[key] = (lr.to(device), fixed.to(device), grad.to(device))
     return found
 
 
 def _sparse_torch(
-    entries: list[tuple], cache: FastStepCache, rows: list | None
+    entries: list[tuple], groups: list[dict], cache: FastStepCache, rows: list | None
 ) -> None:
-    """Sparse-set steps for same-device, same-dtype tensors, with ``η`` kept on the device.
+    """Sparse-set steps of same-device, same-dtype tensors; every ``η`` stays on the device.
 
-    ``entries``: ``(item index, p, θ flat, m flat, spec, group)``.
+    ``entries``: ``(item index, param, θ flat, m flat, spec)``.
     """
     idxs, th_ss, d_ss = [], [], []
-    for i, _, theta, m, spec, _ in entries:
+    for i, _, theta, m, spec in entries:
         n = m.numel()
-        idx = torch.topk(m.abs(), spec.k, sorted=False).indices if spec.k < n else None
-        if idx is None:
+        if spec.k < n:
+            idx = torch.topk(m.abs(), spec.k, sorted=False).indices
+        else:
             idx = torch.arange(n, device=m.device)
         m_s, th_s = m.index_select(0, idx), theta.index_select(0, idx)
         if spec.op == "scaled":
@@ -230,9 +318,11 @@ def _sparse_torch(
         th_ss.append(th_s)
         d_ss.append(v_s.sub_(th_s))
     thetas = [e[2] for e in entries]
-    lr, fixed, use_grad = _hyper_vectors(cache, entries, thetas[0].device, thetas[0].dtype)
+    lr, fixed, use_grad = _hyper_vectors(cache, entries, groups, thetas[0].device, thetas[0].dtype)
     m_norm = torch.stack(torch._foreach_norm([e[3] for e in entries]))
-    d_norm = torch.hypot(torch.stack(torch._foreach_norm(thetas)), torch.stack(torch._foreach_norm(d_ss)))
+    d_norm = torch.hypot(
+        torch.stack(torch._foreach_norm(thetas)), torch.stack(torch._foreach_norm(d_ss))
+    )
     eta_g = torch.where(d_norm > 0, lr * m_norm / d_norm, torch.zeros_like(d_norm))
     eta = torch.where(use_grad, torch.clamp(eta_g, 0.0, 1.0), fixed)
     etas = eta.unbind(0)
@@ -244,6 +334,74 @@ def _sparse_torch(
             rows[i]["step_size"] = etas[j].clone()
 
 
+class _Plan:
+    """How each stepped tensor is handled; valid while tensors, storage and sets are unchanged."""
+
+    def __init__(self, items: list[tuple], ms: list[Tensor], cache: FastStepCache) -> None:
+        self.unconstrained: list[int] = []
+        self.reference: list[tuple[int, _Spec]] = []
+        self.large: list[tuple] = []  # (i, param, θ numpy, m numpy, spec, tracker)
+        self.tiny: list[_TinyBatch] = []
+        self.on_device: dict[tuple, list[tuple]] = {}
+        tiny: dict[np.dtype, list[tuple]] = {}
+        for i, ((_, group, p), m) in enumerate(zip(items, ms)):
+            spec = cache.spec(group, p.numel())
+            if spec.op == "unconstrained":
+                self.unconstrained.append(i)
+                continue
+            flat = _memory_flat(p, m) if spec.op != "dense" else None
+            if flat is None:
+                self.reference.append((i, spec))
+                continue
+            theta, m_flat = flat
+            if cache.use_numpy and theta.device.type == "cpu" and theta.dtype in _NUMPY_DTYPES:
+                th_np, m_np = theta.numpy(), m_flat.numpy()
+                if th_np.size <= TINY:
+                    tiny.setdefault(th_np.dtype, []).append((i, p, th_np, m_np, spec))
+                else:
+                    tracker = cache.trackers.setdefault(id(p), TopKTracker())
+                    self.large.append((i, p, th_np, m_np, spec, tracker))
+            else:
+                key = (theta.device, theta.dtype)
+                self.on_device.setdefault(key, []).append((i, p, theta, m_flat, spec))
+        self.tiny = [_TinyBatch(entries, dtype) for dtype, entries in tiny.items()]
+
+    def run(self, items: list[tuple], ms: list[Tensor], cache: FastStepCache, rows: list | None):
+        want = rows is not None
+        for i, p, theta, m, spec, tracker in self.large:
+            scratch = cache.scratch(m.size, m.dtype)
+            eta, gap = _sparse_numpy(theta, m, spec, items[i][1], tracker, scratch, want)
+            if rows is not None:
+                rows[i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
+        for batch in self.tiny:
+            etas, gaps = batch.step([items[i][1] for i in batch.index], want)
+            if rows is not None and gaps is not None:
+                for i, p, eta, gap in zip(batch.index, batch.params, etas, gaps):
+                    rows[i] = _row(
+                        torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype)
+                    )
+        if _increment_version is not None:  # NumPy wrote these tensors: tell autograd
+            for entry in self.large:
+                _increment_version(entry[1])
+            for batch in self.tiny:
+                for p in batch.params:
+                    _increment_version(p)
+        for entries in self.on_device.values():
+            _sparse_torch(entries, [items[e[0]][1] for e in entries], cache, rows)
+        for i, spec in self.reference:
+            row = _reference_update(items[i][2], ms[i], items[i][1], spec, want)
+            if rows is not None:
+                rows[i] = row
+        by_lr: dict[float, list[int]] = {}
+        for i in self.unconstrained:
+            by_lr.setdefault(float(items[i][1]["lr"]), []).append(i)
+        for lr, idx in by_lr.items():
+            torch._foreach_add_([items[i][2] for i in idx], [ms[i] for i in idx], alpha=-lr)
+            if rows is not None:
+                for i in idx:
+                    rows[i] = _row(None, torch.tensor(lr))
+
+
 @torch.no_grad()
 def sfw_step_fast(
     param_groups: list[dict[str, Any]],
@@ -253,7 +411,7 @@ def sfw_step_fast(
 ) -> None:
     """One SFW step for every parameter with a gradient, in all groups at once.
 
-    Same results as calling :func:`sfw_group_step_reference` on each group (up to rounding);
+    Same results as :func:`.reference.sfw_group_step_reference` on each group, up to rounding;
     ``diagnostics`` (when a list) gets the same rows in the same order, with ``name``.
     """
     items = [
@@ -264,43 +422,19 @@ def sfw_step_fast(
     ]
     if not items:
         return
-    cache.steps += 1
     ms = _momentum_(items, state)
-    want = diagnostics is not None
-    rows: list[dict[str, Any] | None] | None = [None] * len(items) if want else None
-    unconstrained: dict[float, list[int]] = {}
-    on_device: dict[tuple, list[tuple]] = {}
-    for i, (_, group, p) in enumerate(items):
-        m = ms[i]
-        spec = cache.spec(group, p.numel())
-        if spec.op == "unconstrained":
-            unconstrained.setdefault(float(group["lr"]), []).append(i)
-            continue
-        flat = _memory_flat(p, m) if spec.op != "dense" else None
-        if flat is None:
-            row = _reference_update(p, m, group, spec, want)
-            if rows is not None:
-                rows[i] = row
-            continue
-        theta, m_flat = flat
-        if cache.use_numpy and theta.device.type == "cpu" and theta.dtype in _NUMPY_DTYPES:
-            eta, gap = _sparse_numpy(theta.numpy(), m_flat.numpy(), spec, group, cache, want)
-            if _increment_version is not None:
-                _increment_version(p)  # NumPy wrote p's memory; let autograd know
-            if rows is not None:
-                rows[i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
-        else:
-            key = (theta.device, theta.dtype)
-            on_device.setdefault(key, []).append((i, p, theta, m_flat, spec, group))
-    for entries in on_device.values():
-        _sparse_torch(entries, cache, rows)
-    for lr, idx in unconstrained.items():
-        torch._foreach_add_([items[i][2] for i in idx], [ms[i] for i in idx], alpha=-lr)
-        if rows is not None:
-            for i in idx:
-                rows[i] = _row(None, torch.tensor(lr))
+    key = (
+        cache.use_numpy,
+        tuple(
+            (id(p), p.data_ptr(), m.data_ptr(), p.numel(), p.dtype, _spec_key(g, p.numel()))
+            for (_, g, p), m in zip(items, ms)
+        ),
+    )
+    if cache.plan is None or cache.plan_key != key:
+        cache.plan, cache.plan_key = _Plan(items, ms, cache), key
+    rows: list | None = [None] * len(items) if diagnostics is not None else None
+    cache.plan.run(items, ms, cache, rows)
     if diagnostics is not None and rows is not None:
         for (gi, group, _), row in zip(items, rows):
-            assert row is not None
             row["name"] = group.get("name", str(gi))
             diagnostics.append(row)

@@ -33,9 +33,7 @@ def _check_momentum(momentum: Any) -> float:
 
 def _check_rescale(rescale: Any) -> str | None:
     if rescale not in RESCALES:
-        raise ValueError(
-            f"Invalid rescale: {rescale!r} (expected 'gradient', 'diameter' or None)"
-        )
+        raise ValueError(f"Invalid rescale: {rescale!r} (expected 'gradient', 'diameter' or None)")
     return rescale
 
 

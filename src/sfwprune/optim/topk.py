@@ -17,6 +17,8 @@ any choice among tied coordinates is a minimizer of the LMO.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -58,11 +60,15 @@ def _at_or_above(positions: np.ndarray, values: np.ndarray, kth: float, k: int) 
     return positions[keep]
 
 
-def select_top_k(a: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, float, int]:
+def select_top_k(
+    a: np.ndarray, k: int, guess: float | None = None, offset: int = 0
+) -> tuple[np.ndarray, float, int]:
     """Ascending indices of the ``k`` largest entries of the 1-d array ``a``, and the k-th value.
 
     Exact: any ``k`` entries with no larger entry left out (ties at the k-th value keep the
-    lowest indices). ``offset`` varies the sample a large array's threshold is guessed from.
+    lowest indices). ``guess``: a threshold believed to be a little below the k-th value (e.g.
+    predicted from the previous step); a wrong guess costs a retry, never correctness.
+    ``offset`` varies the sample a large array's threshold is otherwise guessed from.
 
     Returns ``(indices, kth_value, candidates)``, ``candidates`` being how many entries the
     final partition looked at (``a.size`` without a guess).
@@ -78,8 +84,10 @@ def select_top_k(a: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, fl
     if k == n:
         return np.arange(n), float(a.min()), n
     if n > SMALL and 4 * k <= n:
-        for slack in (_SLACK, 2.0):
-            lo = _threshold_guess(a, k, slack, offset)
+        for slack in (None, _SLACK, 2.0):
+            lo = guess if slack is None else _threshold_guess(a, k, slack, offset)
+            if lo is None:
+                continue
             if not lo > 0:  # 0 or NaN would keep (almost) everything: partition it all
                 break
             cand = np.flatnonzero(a >= lo)
@@ -90,6 +98,37 @@ def select_top_k(a: np.ndarray, k: int, offset: int = 0) -> tuple[np.ndarray, fl
                 return _at_or_above(cand, vals, kth, k), kth, c
     kth = float(np.partition(a, n - k)[n - k])
     return _at_or_above(np.arange(n), a, kth, k), kth, n
+
+
+class TopKTracker:
+    """Exact top-K of ``|m|`` for one tensor, step after step, guessing the threshold well.
+
+    The K-th largest ``|m|`` moves with ``||m||`` (within ~1% per step in training), so
+    ``kth_prev · ||m||/||m_prev|| · (1 - margin)`` leaves barely more than K candidates; the
+    margin adapts to how far the last prediction was off. Selection is :func:`select_top_k`.
+
+    Example:
+        >>> tracker = TopKTracker()
+        >>> tracker.select(np.abs(np.arange(-10.0, 10.0)), 3).tolist()
+        [0, 1, 19]
+    """
+
+    def __init__(self) -> None:
+        self.kth: float | None = None
+        self.scale = 0.0
+        self.margin = 0.05
+
+    def select(self, a: np.ndarray, k: int, scale: float = 0.0) -> np.ndarray:
+        """Ascending indices of the ``k`` largest entries of ``a``; ``scale`` is ``||m||²``."""
+        pred = None
+        if self.kth is not None and self.kth > 0:
+            pred = self.kth * (math.sqrt(scale / self.scale) if scale > 0 and self.scale > 0 else 1)
+        guess = None if pred is None else pred * (1.0 - self.margin)
+        idx, kth, _ = select_top_k(a, k, guess)
+        if pred is not None and pred > 0:
+            self.margin = min(0.25, max(0.003, 0.002 + 2.5 * abs(kth / pred - 1.0)))
+        self.kth, self.scale = kth, scale
+        return idx
 
 
 def topk_abs_indices(x: Tensor, k: int) -> Tensor:

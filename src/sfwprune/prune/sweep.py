@@ -63,7 +63,7 @@ class Ranking:
         out: dict[str, Tensor] = {}
         for members, order in zip(self.sets, self.orders, strict=True):
             keep = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
-            keep[order[: prune_count(sparsity, order.numel())]] = False
+            keep.index_fill_(0, order[: prune_count(sparsity, order.numel())], False)
             for i, m in zip(
                 members, split_masks(keep, [self.params[i] for i in members]), strict=True
             ):

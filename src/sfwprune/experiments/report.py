@@ -1,0 +1,209 @@
+"""RESULTS.md from a finished reproduction grid: mean ± std tables, timings, targets, figures."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .. import _io
+from .plots import plot_accuracy_vs_sparsity, plot_weight_histograms
+from .reproduce import METHOD_ORDER, VARIANTS, best_run_dir, run_dir_of
+
+LABELS = {
+    "sgd": "1. SGD + magnitude",
+    "sgd_random": "2. SGD + random",
+    "sgd_finetune": "3. SGD + magnitude + fine-tune",
+    "sfw": "4. SFW (paper defaults)",
+    "sfw_init": "5. SFW + SFW-Init",
+    "sfw_ksupport": "6. SFW, K-support ball",
+    "sfw_best": "7. SFW, best variant",
+}
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
+    """Per method: rows by seed, training seconds by seed (and retraining seconds for method 3)."""
+    data: dict[str, dict[str, Any]] = {}
+    for method in METHOD_ORDER:
+        per_seed, train_s, extra_s, init_s = [], [], [], []
+        for seed in range(seeds):
+            if method == "sgd_finetune":
+                res = _load(out / model / "sgd_finetune" / f"seed{seed}.json")
+                run = run_dir_of(out, model, "sgd", seed)
+                if res:
+                    extra_s.append([r["retrain_seconds"] for r in res["rows"]])
+            elif method == "sfw_best":
+                if not (out / model / "best.json").is_file():
+                    continue
+                run, fname = best_run_dir(out, model, seed)
+                res = _load(run / fname)
+            else:
+                source = "sgd" if method == "sgd_random" else method
+                run = run_dir_of(out, model, source, seed)
+                res = _load(run / ("sweep-random.json" if method == "sgd_random" else "sweep.json"))
+            summary = _load(run / "summary.json")
+            if res is None or summary is None:
+                continue
+            per_seed.append(res["rows"])
+            train_s.append(summary["train_seconds"])
+            if summary.get("sfw_init"):
+                init_s.append(summary["sfw_init"]["seconds"])
+        if per_seed:
+            data[method] = {"rows": per_seed, "train_seconds": train_s, "retrain_seconds": extra_s,
+                            "init_seconds": init_s}  # fmt: skip
+    return data
+
+
+def _acc_table(data: dict[str, dict[str, Any]], sparsities: list[float]) -> tuple[str, dict]:
+    header = (
+        "| method | "
+        + " | ".join(f"{100 * s:g}%" for s in sparsities)
+        + " | seeds | train time (s) |"
+    )
+    lines = [header, "|---" * (len(sparsities) + 3) + "|"]
+    stats: dict[str, list[tuple[float, float]]] = {}
+    for method, d in data.items():
+        cells = []
+        stats[method] = []
+        for i, _ in enumerate(sparsities):
+            m, s = _mean_std([rows[i]["accuracy"] for rows in d["rows"]])
+            stats[method].append((m, s))
+            cells.append(f"{m:.2f} ± {s:.2f}")
+        tm, ts = _mean_std(d["train_seconds"])
+        time_cell = f"{tm:.1f} ± {ts:.1f}"
+        if method == "sgd_finetune" and d["retrain_seconds"]:
+            per_level = [statistics.fmean(x) for x in zip(*d["retrain_seconds"])]
+            time_cell += f" + {statistics.fmean(per_level[1:] or per_level):.0f} per level"
+        if method == "sfw_init" and d["init_seconds"]:
+            time_cell += f" (init {statistics.fmean(d['init_seconds']):.0f})"
+        lines.append(
+            f"| {LABELS[method]} | " + " | ".join(cells) + f" | {len(d['rows'])} | {time_cell} |"
+        )
+    return "\n".join(lines), stats
+
+
+def _targets(stats: dict[str, list[tuple[float, float]]], sparsities: list[float]) -> list[str]:
+    out = []
+    if "sfw_best" not in stats or "sgd_finetune" not in stats or "sgd" not in stats:
+        return ["- Targets: not all methods finished; nothing to compare yet."]
+    idx = {s: i for i, s in enumerate(sparsities)}
+    for s in (0.9, 0.95, 0.98):
+        if s not in idx:
+            continue
+        best, ft = stats["sfw_best"][idx[s]][0], stats["sgd_finetune"][idx[s]][0]
+        gap = best - ft
+        need = "match" if s == 0.98 else "within 1.0 point of"
+        ok = gap >= (0.0 if s == 0.98 else -1.0)
+        out.append(
+            f"- {100 * s:g}% sparsity: best SFW (no retraining) {best:.2f} vs SGD + fine-tuning "
+            f"{ft:.2f} ({gap:+.2f} points); target: {need} → **{'met' if ok else 'missed'}**"
+        )
+    d_best, d_sgd = stats["sfw_best"][0][0], stats["sgd"][0][0]
+    ok = d_best >= d_sgd - 0.5
+    out.append(
+        f"- dense: best SFW {d_best:.2f} vs SGD {d_sgd:.2f} ({d_best - d_sgd:+.2f}); target: within "
+        f"0.5 points → **{'met' if ok else 'missed'}**"
+    )
+    return out
+
+
+def write_report(
+    out_dir: str | Path, results_path: str | Path = "RESULTS.md", docs_dir: str | Path = "docs"
+) -> Path:
+    """Regenerate ``RESULTS.md`` and the figures in ``docs/`` from the grid in ``out_dir``."""
+    out = Path(out_dir)
+    rc = json.loads((out / "reproduce_config.json").read_text())
+    docs = Path(docs_dir)
+    docs.mkdir(parents=True, exist_ok=True)
+    results_path = Path(results_path)
+    sparsities = [float(s) for s in rc["sparsities"]]
+    prov = None
+    parts = [
+        "# Results: SFW-pruning on Fashion-MNIST",
+        "",
+        "Produced by `sfwprune reproduce` (see the command below); regenerate this file with "
+        "`sfwprune reproduce fashion-mnist --report-only --out " + str(out) + "`. Test accuracy "
+        "(%) after one-shot global magnitude pruning at each sparsity, mean ± std over seeds; "
+        "no retraining except method 3, which fine-tunes "
+        f"{rc['finetune_epochs']} epochs per sparsity level with the masks fixed.",
+        "",
+    ]
+    for model in rc["models"]:
+        data = collect(out, model, rc["seeds"])
+        if not data:
+            continue
+        table, stats = _acc_table(data, sparsities)
+        parts += [f"## {model}", "", table, ""]
+        best = _load(out / model / "best.json")
+        if best:
+            settings = VARIANTS.get(best["variant"], {"optimizer": "sfw (paper defaults)"})
+            parts += [
+                f"Best SFW variant (method 7): `{best['variant']}` = {json.dumps(settings)}, "
+                f"pruning scope `{best['scope']}`. Rule: {best['rule']}; selection seed "
+                f"{best['selection_seed']}.",
+                "",
+            ]
+        parts += _targets(stats, sparsities) + [""]
+        if "sfw" in stats and "sfw_init" in stats:
+            diffs = [a[0] - b[0] for a, b in zip(stats["sfw_init"], stats["sfw"])]
+            init_frac = ""
+            d = data["sfw_init"]
+            if d["init_seconds"]:
+                frac = statistics.fmean(d["init_seconds"]) / statistics.fmean(d["train_seconds"])
+                init_frac = f" SFW-Init took {100 * frac:.1f}% of the training time."
+            parts += [
+                "SFW-Init minus SFW (points), per sparsity: "
+                + ", ".join(f"{100 * s:g}%: {x:+.2f}" for s, x in zip(sparsities, diffs))
+                + "." + init_frac, "",
+            ]  # fmt: skip
+        curves, bands = [], []
+        for method in data:
+            curves.append(
+                (
+                    LABELS[method],
+                    [
+                        {"sparsity": s, "accuracy": m}
+                        for s, (m, _) in zip(sparsities, stats[method])
+                    ],
+                )
+            )
+            bands.append([sd for _, sd in stats[method]])
+        fig = plot_accuracy_vs_sparsity(curves, docs / f"repro_{model}.png", bands=bands,
+                                        title=f"{model} on Fashion-MNIST, {rc['epochs']} epochs, mean ± std over seeds")  # fmt: skip
+        parts += [f"![accuracy vs sparsity, {model}](docs/{fig.name})", ""]
+        try:
+            from .runner import load_trained
+
+            models = [
+                (lab.upper(), load_trained(run_dir_of(out, model, lab, 0), device="cpu")[1])
+                for lab in ("sgd", "sfw")
+            ]
+            wfig = plot_weight_histograms(models, docs / f"weights_{model}.png")
+            parts += [f"![weight magnitudes, {model}](docs/{wfig.name})", ""]
+        except (FileNotFoundError, ValueError):
+            pass
+        sgd_cfg = _load(run_dir_of(out, model, "sgd", 0) / "config.json")
+        if sgd_cfg and prov is None:
+            prov = sgd_cfg["provenance"]
+    parts += [
+        "## How it was measured",
+        "",
+        f"- Grid settings: `{json.dumps(rc)}`",
+        f"- Provenance of the runs: `{json.dumps(prov)}`"
+        if prov
+        else "- Provenance: see each run's config.json",
+        "- Each run folder holds its config.json, metrics.jsonl, summary.json and sweep*.json.",
+        "",
+    ]
+    return _io.atomic_write_text(results_path, "\n".join(parts) + "\n")

@@ -1,0 +1,149 @@
+"""Data-parallel training on 2 CPU processes (gloo) started by torchrun, loopback only.
+
+Two launches for the whole module: ``ddp_worker.py`` (float64 SFW steps through DDP, a 2-epoch
+``train_run``, the same run stopped after epoch 1), then ``torchrun -m sfwprune train --resume``
+finishing the stopped run. One-process references are computed here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from sfwprune.experiments import runner
+from sfwprune.train import build_optimizer, evaluate
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"}
+pytestmark = pytest.mark.slow
+
+
+def _worker_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("ddp_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _torchrun(*args: str) -> str:
+    """``torchrun --nproc-per-node=2 ARGS`` on a free loopback port; returns stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    if Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1", *args,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the agent and its workers
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out:\n{stdout[-4000:]}\n{stderr[-4000:]}")
+    assert proc.returncode == 0, f"{stdout[-4000:]}\n{stderr[-4000:]}"
+    return stdout
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def _no_time(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ddp")
+    _torchrun(str(WORKER), str(out))
+    part_epoch1 = (out / "part" / "metrics.jsonl").read_text()
+    printed = _torchrun(
+        "-m", "sfwprune", "--quiet", "--threads", "1", "train", "--resume",
+        "--out", str(out / "part"),
+    )  # fmt: skip
+    return {"out": out, "part_epoch1": part_epoch1, "printed": printed}
+
+
+def test_sfw_steps_identical_on_ranks_and_equal_to_one_process(launched, monkeypatch) -> None:
+    out = launched["out"]
+    ranks = [_load(out / f"sfw64-rank{r}.pt") for r in (0, 1)]
+    for name, value in ranks[0].items():
+        assert value.dtype == torch.float64
+        assert torch.equal(value, ranks[1][name]), name  # bit-identical: same averaged gradient
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    worker = _worker_module()
+    single = worker.sfw64_steps()  # one process, batch 16 = the 2 ranks' 8 + 8
+    cfg = worker.SFW64
+    start = runner.make_model(cfg, runner.load_data(cfg), torch.device("cpu")).double()
+    build_optimizer(start, cfg.optimizer_spec())  # the shift inside the sets, as in training
+    moved = 0.0
+    for name, value in single.items():
+        assert (ranks[0][name] - value).abs().max().item() <= 1e-6, name
+        moved = max(moved, (value - start.state_dict()[name]).abs().max().item())
+    assert moved > 1e-2  # the steps did move the weights
+
+
+def test_run_on_two_ranks_writes_once_and_ranks_agree(launched) -> None:
+    out = launched["out"]
+    run = out / "full"
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert [r["epoch"] for r in _rows(run)] == [1, 2]
+    prov = json.loads((run / "config.json").read_text())["provenance"]
+    assert (prov["world_size"], prov["backend"]) == (2, "gloo")
+    ranks = [_load(out / f"full-rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"] == _no_time(_rows(run))
+    ckpt = _load(run / "checkpoint.pt")
+    assert ckpt["world_size"] == 2 and ckpt["loader"]["world_size"] == 1
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    for name, value in ckpt["model"].items():  # weights and BatchNorm statistics
+        assert torch.equal(value, ranks[0]["model"][name]), name
+        assert torch.equal(value, ranks[1]["model"][name]), name
+
+
+def test_reduced_test_metrics_are_the_whole_test_set(launched) -> None:
+    run = launched["out"] / "full"
+    worker = _worker_module()
+    cfg, device = worker.RUN, torch.device("cpu")
+    data = runner.load_data(cfg)
+    model = runner.make_model(cfg, data, device)
+    model.load_state_dict(_load(run / "checkpoint.pt")["model"])
+    whole = evaluate(model, runner.test_loader(cfg, data, device))
+    last = _rows(run)[-1]
+    assert last["test_accuracy"] == pytest.approx(whole["accuracy"], abs=1e-9)
+    assert last["test_loss"] == pytest.approx(whole["loss"], rel=1e-5)
+
+
+def test_cli_resume_under_torchrun_continues_exactly(launched) -> None:
+    out = launched["out"]
+    part, full = out / "part", out / "full"
+    assert {p.name for p in part.iterdir()} == RUN_FILES
+    text = (part / "metrics.jsonl").read_text()
+    assert text.startswith(launched["part_epoch1"])  # epoch 1 kept, not retrained
+    assert [r["epoch"] for r in _rows(part)] == [1, 2]
+    assert _no_time(_rows(part)) == _no_time(_rows(full))
+    resumed, uninterrupted = _load(part / "checkpoint.pt"), _load(full / "checkpoint.pt")
+    for name, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+    a, b = resumed["loader"], uninterrupted["loader"]
+    assert a.keys() == b.keys() and torch.equal(a.pop("generator"), b.pop("generator")) and a == b
+    assert "test accuracy" in launched["printed"]
