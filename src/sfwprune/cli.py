@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--limit", type=int, help="first N training images only (quick checks)")
     p.add_argument("--no-explore", action="store_true", help="skip the best-variant search")
+    p.add_argument("--variants", help="comma-separated candidate names for the best variant")
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     p.add_argument("--no-report", action="store_true", help="run the grid, skip RESULTS.md")
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"))
@@ -281,6 +282,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
             data_dir=args.data_dir, device=args.device, jobs=args.jobs,
             explore=not args.no_explore, limit=args.limit,
+            **({"variants": tuple(args.variants.split(","))} if args.variants else {}),
         )  # fmt: skip
         run_reproduce(rc, args.out, log=(lambda s: None) if args.quiet else print)
     if not args.no_report:

@@ -44,6 +44,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "kf0.05_v30": {"optimizer": "sfw", "value": 30.0},
     "kf0.05_v15_cos": {"optimizer": "sfw", "schedule": "cosine"},
     "kf0.1_v30_cos": {"optimizer": "sfw", "k_frac": 0.1, "value": 30.0, "schedule": "cosine"},
+    "kf0.01_v30_cos": {"optimizer": "sfw", "k_frac": 0.01, "value": 30.0, "schedule": "cosine"},
+    "kf0.03_v30_cos": {"optimizer": "sfw", "k_frac": 0.03, "value": 30.0, "schedule": "cosine"},
     "ksup_kf0.1_v15_cos": {
         "optimizer": "sfw",
         "constraint": "k_support",
