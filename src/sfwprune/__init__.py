@@ -12,6 +12,8 @@ from .constraints import (
 from .init import SFWInitResult, sfw_init
 from .optim import SFW
 from .prune import (
+    SparseLinear,
+    format_report,
     load_pruned,
     prune_,
     recalibrate_bn,
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SFW",
     "SFWInitResult",
+    "SparseLinear",
     "ConstraintSet",
     "KSparsePolytope",
     "KSupportNormBall",
@@ -33,6 +36,7 @@ __all__ = [
     "Unconstrained",
     "__version__",
     "constraint_groups",
+    "format_report",
     "load_pruned",
     "make_constraint",
     "prune_",

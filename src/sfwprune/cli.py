@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N training images only (quick checks)")
     p.add_argument("--no-explore", action="store_true", help="skip the best-variant search")
     p.add_argument("--variants", help="comma-separated candidate names for the best variant")
+    p.add_argument("--best-from", help="reuse MODEL's selected best variant (with --no-explore)")
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     p.add_argument("--no-report", action="store_true", help="run the grid, skip RESULTS.md")
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"))
@@ -233,7 +234,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    import json
 
     from .experiments.plots import plot_accuracy_vs_sparsity, plot_weight_histograms
     from .experiments.runner import load_trained, read_config
@@ -256,10 +256,25 @@ def _cmd_plot(args: argparse.Namespace) -> int:
                 raise FileNotFoundError(
                     f"Invalid run folder: {str(run_dir)!r} (no {path.name}; run `sfwprune sweep {run_dir}` first)"
                 )
-            curves.append((lab, json.loads(path.read_text(encoding="utf-8"))["rows"]))
+            curves.append((lab, _sweep_rows(path)))
         out = plot_accuracy_vs_sparsity(curves, args.out)
     print(f"wrote {out}")
     return 0
+
+
+def _sweep_rows(path: Path) -> list:
+    """The ``rows`` of a sweep file; ``ValueError`` naming the file when it is not one."""
+    import json
+
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"Invalid sweep file: {str(path)!r} (not a sweep result: {type(exc).__name__})"
+        ) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"Invalid sweep file: {str(path)!r} (its rows are not a list of rows)")
+    return rows
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -281,7 +296,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             dataset=args.dataset, models=tuple(m for m in args.models.split(",") if m),
             seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
             data_dir=args.data_dir, device=args.device, jobs=args.jobs,
-            explore=not args.no_explore, limit=args.limit,
+            explore=not args.no_explore, limit=args.limit, best_from=args.best_from,
             **({"variants": tuple(args.variants.split(","))} if args.variants else {}),
         )  # fmt: skip
         run_reproduce(rc, args.out, log=(lambda s: None) if args.quiet else print)

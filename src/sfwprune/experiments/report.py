@@ -123,35 +123,43 @@ def write_report(
 ) -> Path:
     """Regenerate ``RESULTS.md`` and the figures in ``docs/`` from the grid in ``out_dir``."""
     out = Path(out_dir)
-    rc = json.loads((out / "reproduce_config.json").read_text())
+    grids = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/reproduce_config.json"))}
+    if not grids:
+        raise FileNotFoundError(f"Invalid reproduce folder: {str(out)!r} (no <model>/reproduce_config.json)")
+    order = ["lenet300", "lenet5", "lenet5bn"]
+    models = sorted(grids, key=lambda m: (order.index(m) if m in order else 99, m))
+    rc = grids[models[0]]
     docs = Path(docs_dir)
     docs.mkdir(parents=True, exist_ok=True)
     results_path = Path(results_path)
-    sparsities = [float(s) for s in rc["sparsities"]]
     prov = None
     parts = [
         "# Results: SFW-pruning on Fashion-MNIST",
         "",
         "Produced by `sfwprune reproduce` (see the command below); regenerate this file with "
         "`sfwprune reproduce fashion-mnist --report-only --out " + str(out) + "`. Test accuracy "
-        "(%) after one-shot global magnitude pruning at each sparsity, mean ± std over seeds; "
+        "(%) after one-shot magnitude pruning at each sparsity, mean ± std over seeds; "
         "no retraining except method 3, which fine-tunes "
-        f"{rc['finetune_epochs']} epochs per sparsity level with the masks fixed.",
+        f"{rc['finetune_epochs']} epochs per sparsity level with the masks fixed. Training "
+        "time is the sum of epoch times (seconds) of one run, on the device in the provenance.",
         "",
     ]
-    for model in rc["models"]:
+    for model in models:
+        rc = grids[model]
+        sparsities = [float(s) for s in rc["sparsities"]]
         data = collect(out, model, rc["seeds"])
         if not data:
             continue
         table, stats = _acc_table(data, sparsities)
-        parts += [f"## {model}", "", table, ""]
+        parts += [f"## {model}: {rc['epochs']} epochs, {rc['seeds']} seeds", "", table, ""]
         best = _load(out / model / "best.json")
         if best:
             settings = VARIANTS.get(best["variant"], {"optimizer": "sfw (paper defaults)"})
             parts += [
                 f"Best SFW variant (method 7): `{best['variant']}` = {json.dumps(settings)}, "
                 f"pruning scope `{best['scope']}`. Rule: {best['rule']}; selection seed "
-                f"{best['selection_seed']}.",
+                f"{best['selection_seed']}"
+                + (f", selected on {best['selected_on']} and reused here." if best.get("selected_on") else "."),
                 "",
             ]
         parts += _targets(stats, sparsities) + [""]
@@ -185,11 +193,11 @@ def write_report(
         try:
             from .runner import load_trained
 
-            models = [
+            nets = [
                 (lab.upper(), load_trained(run_dir_of(out, model, lab, 0), device="cpu")[1])
                 for lab in ("sgd", "sfw")
             ]
-            wfig = plot_weight_histograms(models, docs / f"weights_{model}.png")
+            wfig = plot_weight_histograms(nets, docs / f"weights_{model}.png")
             parts += [f"![weight magnitudes, {model}](docs/{wfig.name})", ""]
         except (FileNotFoundError, ValueError):
             pass
@@ -199,7 +207,7 @@ def write_report(
     parts += [
         "## How it was measured",
         "",
-        f"- Grid settings: `{json.dumps(rc)}`",
+        *[f"- Grid settings, {m}: `{json.dumps(grids[m])}`" for m in models],
         f"- Provenance of the runs: `{json.dumps(prov)}`"
         if prov
         else "- Provenance: see each run's config.json",

@@ -74,6 +74,7 @@ class ReproduceConfig:
     explore: bool = True
     variants: tuple[str, ...] = tuple(VARIANTS)
     limit: int | None = None
+    best_from: str | None = None  # reuse this model's best.json instead of exploring
 
     def validate(self) -> ReproduceConfig:
         if self.seeds < 1 or self.epochs < 1 or self.jobs < 1 or self.finetune_epochs < 0:
@@ -193,6 +194,19 @@ def _execute(tasks: list[_Task], jobs: int, log: Callable[[str], None]) -> None:
     """Run a DAG of tasks on ``jobs`` worker processes (in order of the list when ready)."""
     pending = list(tasks)
     done: set[str] = set()
+    if jobs == 1:  # in this process, same order and dependencies
+        while pending:
+            task = next((t for t in pending if all(d in done for d in t.deps)), None)
+            if task is None:
+                missing = {d for t in pending for d in t.deps} - done
+                raise RuntimeError(f"reproduce: unsatisfiable task dependencies {sorted(missing)}")
+            pending.remove(task)
+            task.fn(*task.args)
+            done.add(task.key)
+            log(f"done: {task.key}  ({len(done)} finished, {len(pending)} left)")
+            if task.then is not None:
+                pending.extend(task.then())
+        return
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
         running: dict[cf.Future, _Task] = {}
@@ -236,6 +250,8 @@ def plan(rc: ReproduceConfig, out: Path) -> list[_Task]:
             then=(lambda model=model: _best_tasks(rc, out, model)),
         ))  # fmt: skip
     for model in rc.models:
+        if not rc.explore and (out / model / "best.json").is_file():
+            tasks += _best_tasks(rc, out, model)
         for seed in range(rc.seeds):
             for method, overrides in TRAINED_METHODS.items():
                 run = run_dir_of(out, model, method, seed)
@@ -308,7 +324,19 @@ def run_reproduce(
     rc.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _io.atomic_write_json(out / "reproduce_config.json", asdict(rc))
+    for model in rc.models:  # per model: grids of different models may differ (epochs, seeds)
+        (out / model).mkdir(parents=True, exist_ok=True)
+        _io.atomic_write_json(out / model / "reproduce_config.json", {**asdict(rc), "models": [model]})
+    if rc.best_from is not None:
+        source = out / rc.best_from / "best.json"
+        if not source.is_file():
+            raise FileNotFoundError(f"Invalid best_from: {rc.best_from!r} (no {source})")
+        best = json.loads(source.read_text())
+        best["selected_on"] = rc.best_from
+        for model in rc.models:
+            if model != rc.best_from:
+                (out / model).mkdir(parents=True, exist_ok=True)
+                _io.atomic_write_json(out / model / "best.json", best)
     start = time.perf_counter()
     _execute(plan(rc, out), rc.jobs, log)
     log(f"grid finished in {time.perf_counter() - start:.0f}s")

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import _io
 from ..data import Dataset, DeviceLoader, load_dataset
-from ..distributed import DistContext, distributed, local_batch_size
+from ..distributed import DistContext, init_distributed, local_batch_size
 from ..models import build_model
 from ..train import build_optimizer, build_scheduler, evaluate, train_epoch
 from .config import TrainConfig
@@ -90,9 +90,11 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
+    # .cpu(): a checkpoint loaded with map_location=cuda holds CUDA tensors, and generator
+    # states must be CPU ByteTensors.
+    torch.set_rng_state(state["torch"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def read_config(run_dir: str | Path) -> TrainConfig:
@@ -197,11 +199,11 @@ def train_run(
     rank returns the same metrics and weights.
     """
     cfg.validate()
-    with distributed(cfg.device) as ctx:
-        return _train_run(
-            ctx, cfg, Path(out_dir), resume=resume, quiet=quiet or not ctx.is_main, log=log,
-            stop_after_epoch=stop_after_epoch,
-        )  # fmt: skip
+    ctx = init_distributed(cfg.device)
+    return _train_run(
+        ctx, cfg, Path(out_dir), resume=resume, quiet=quiet or not ctx.is_main, log=log,
+        stop_after_epoch=stop_after_epoch,
+    )  # fmt: skip
 
 
 def _train_run(
@@ -263,7 +265,7 @@ def _train_run(
         t0 = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch + 1}
         local = _train_one_epoch(net, loader, optimizer, scheduler, cfg, epoch, quiet)
-        row.update(_sum_train_metrics(ctx, local, loader.num_samples))
+        row.update(ctx.mean(local, loader.num_samples))  # over all ranks' samples
         row["lr"] = optimizer.param_groups[0]["lr"]
         ctx.sync_buffers_(model)  # rank 0's BN statistics: the ones the checkpoint holds
         test = _evaluate(ctx, model, evaluator, cfg.precision)
@@ -358,30 +360,14 @@ def _local_loader_state(
     return state  # not ours: load_state_dict says what does not fit
 
 
-def _sum_train_metrics(ctx: DistContext, local: dict[str, float], count: int) -> dict[str, float]:
-    """Loss and accuracy over all ranks' samples (each rank's are means over ``count``)."""
-    if not ctx.is_distributed:
-        return local
-    loss_sum, correct, total = ctx.all_reduce_sum(
-        [local["train_loss"] * count, round(local["train_accuracy"] * count / 100), count]
-    )
-    return {"train_loss": loss_sum / total, "train_accuracy": 100.0 * correct / total}
-
-
 def _evaluate(
     ctx: DistContext, model: nn.Module, evaluator: DeviceLoader, precision: str
 ) -> dict[str, float]:
-    """Test metrics over the whole test set: each rank evaluates its strided part, sums reduced."""
-    if not ctx.is_distributed:
-        return evaluate(model, evaluator, precision=precision)
+    """Test metrics of the whole test set: each rank evaluates its strided part."""
     count = evaluator.num_samples
-    local = (
-        evaluate(model, evaluator, precision=precision) if count else {"loss": 0.0, "accuracy": 0.0}
-    )
-    loss_sum, correct, total = ctx.all_reduce_sum(
-        [local["loss"] * count, round(local["accuracy"] * count / 100), count]
-    )
-    return {"accuracy": 100.0 * correct / total, "loss": loss_sum / total}
+    if count == 0 and ctx.is_distributed:  # fewer test samples than ranks
+        return ctx.mean({"accuracy": 0.0, "loss": 0.0}, 0)
+    return ctx.mean(evaluate(model, evaluator, precision=precision), count)
 
 
 def _train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet) -> dict[str, float]:
@@ -389,7 +375,13 @@ def _train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet) -> 
     if not quiet:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="batch")
+        # One iter() of our own: tqdm.auto's class calls iter() on what it wraps as well as when
+        # iterated, and a DeviceLoader draws a new epoch plan on each iter() (the progress bar
+        # would change the data order, and with several ranks give rank 0 another shard plan).
+        batches = tqdm(
+            iter(loader), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            leave=False, unit="batch",
+        )  # fmt: skip
     return train_epoch(model, batches, optimizer, scheduler, precision=cfg.precision, epoch=epoch)
 
 
