@@ -143,7 +143,7 @@ def run(name: str, model: nn.Module, opt: torch.optim.Optimizer, loader, args, d
         "median_epoch_s": med,
         "images_per_s": images / med,
         "optimizer_step_ms_median": statistics.median(step_ms),
-        "final_loss": float(last) if last is not None else None,
+        "final_loss": float(last.detach()) if last is not None else None,
         "finite_params": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
     }
 

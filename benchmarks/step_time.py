@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -146,6 +147,8 @@ def time_model(name: str, device: torch.device, repeats: int, warmup: int) -> di
     loss_fn = nn.CrossEntropyLoss()
     full: dict[str, list[float]] = {k: [] for k in runs}
     step: dict[str, list[float]] = {k: [] for k in runs}
+    cpu_full: dict[str, list[float]] = {k: [] for k in runs}
+    cpu_step: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
     for r in range(warmup + repeats):
         x, y = batches[r % len(batches)]
@@ -153,19 +156,22 @@ def time_model(name: str, device: torch.device, repeats: int, warmup: int) -> di
             key = names[(r + j) % len(names)]
             model, opt = runs[key]
             _sync(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             _sync(device)
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
             opt.step()
             _sync(device)
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
             if r >= warmup:
                 full[key].append(t2 - t0)
                 step[key].append(t2 - t1)
+                cpu_full[key].append(c2 - c0)
+                cpu_step[key].append(c2 - c1)
     med_full = {k: statistics.median(v) * 1e3 for k, v in full.items()}
     med_step = {k: statistics.median(v) * 1e3 for k, v in step.items()}
+    cpu = {k: statistics.median(v) * 1e3 for k, v in cpu_full.items()}
     return {
         "batch": batch,
         "input_shape": list(shape),
@@ -177,6 +183,10 @@ def time_model(name: str, device: torch.device, repeats: int, warmup: int) -> di
         "full_naive_over_sgd": med_full["naive_sfw"] / med_full["sgd"],
         "step_naive_over_sfw": med_step["naive_sfw"] / med_step["sfw"],
         "step_sfw_over_sgd": med_step["sfw"] / med_step["sgd"],
+        # Process CPU time (all threads): less sensitive to a busy machine than wall time.
+        "full_step_cpu_ms": cpu,
+        "optimizer_step_cpu_ms": {k: statistics.median(v) * 1e3 for k, v in cpu_step.items()},
+        "cpu_full_sfw_over_sgd": cpu["sfw"] / cpu["sgd"],
     }
 
 
@@ -250,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=200, help="timed steps per optimizer")
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps per optimizer first")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
-    ap.add_argument("--resnet-repeats", type=int, default=None, help="repeats for resnet18")
+    ap.add_argument("--resnet-repeats", type=int, default=None,
+                    help="repeats for resnet18 (default: 20 on cpu, else --repeats)")  # fmt: skip
     ap.add_argument("--sweep-eval-batches", type=int, default=1, help="0 skips the sweep")
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
@@ -267,15 +278,18 @@ def main(argv: list[str] | None = None) -> int:
         "platform": platform.platform(),
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "load_average_at_start": list(os.getloadavg()),
         "models": {},
     }
     for name in args.models.split(","):
         reps = args.repeats
-        if name == "resnet18" and args.resnet_repeats is not None:
-            reps = args.resnet_repeats
+        if name == "resnet18":
+            default = 20 if device.type == "cpu" else args.repeats
+            reps = args.resnet_repeats if args.resnet_repeats is not None else default
         result["models"][name] = {"repeats": reps, **time_model(name, device, reps, args.warmup)}
     if args.sweep_eval_batches > 0 and "resnet18" in args.models.split(","):
         result["sweep_resnet18"] = time_sweep(device, args.sweep_eval_batches)
+    result["load_average_at_end"] = list(os.getloadavg())
     result["provenance"] = _provenance(device)
     result["wall_s"] = time.perf_counter() - start
     text = json.dumps(result, indent=2)

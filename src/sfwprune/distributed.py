@@ -12,10 +12,10 @@ One process (no ``WORLD_SIZE`` or ``WORLD_SIZE=1``) is the same code with no pro
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import os
 import pickle
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ from torch import nn
 
 T = TypeVar("T")
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_OWN_GROUP = False  # whether init_distributed created the process group (shutdown ends it)
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -100,6 +101,11 @@ class DistContext:
 
     With ``world_size == 1`` every collective is a no-op and :meth:`wrap` returns the model.
     Collectives take tensors on ``device`` (NCCL needs CUDA tensors, gloo CPU ones).
+
+    Example:
+        >>> ctx = init_distributed("cpu")
+        >>> net = ctx.wrap(model)  # DDP under torchrun; build the optimizer on model first
+        >>> ctx.main_only(lambda: save(model.state_dict()))  # rank 0 writes, the others wait
     """
 
     rank: int = 0
@@ -134,6 +140,15 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
+    def mean(self, means: Mapping[str, float], count: int) -> dict[str, float]:
+        """Means over all ranks' samples, from this rank's ``means`` over its ``count`` samples:
+        ``Σ_r count_r·mean_r / Σ_r count_r`` per key (``means`` as given with one process)."""
+        if not self.is_distributed:
+            return dict(means)
+        keys = sorted(means)
+        sums = self.all_reduce_sum([means[k] * count for k in keys] + [count])
+        return {k: total / sums[-1] for k, total in zip(keys, sums[:-1], strict=True)}
+
     def broadcast_object(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank (pickled)."""
         if not self.is_distributed:
@@ -143,7 +158,8 @@ class DistContext:
         return box[0]
 
     def main_only(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on rank 0 alone; every rank returns its result, or raises its exception.
+        """Run ``fn`` on rank 0 alone; every rank returns its (small, picklable) result, or
+        raises its exception.
 
         The others wait for it (a barrier), so nobody goes on while rank 0 writes a file, and
         an error on rank 0 (e.g. a bad ``--out``) stops every rank instead of hanging them.
@@ -213,35 +229,49 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-@contextlib.contextmanager
-def distributed(device: str = "auto") -> Iterator[DistContext]:
-    """This process's :class:`DistContext`, joining torchrun's process group for the block.
+def init_distributed(device: str = "auto") -> DistContext:
+    """This process's :class:`DistContext`; joins torchrun's process group on the first call.
 
-    A group that the caller initialized already is used as it is (and left open); otherwise,
-    with ``WORLD_SIZE > 1``, ``init_process_group`` (``nccl`` on CUDA, ``gloo`` on CPU, env://
-    rendezvous) runs here and ``destroy_process_group`` on exit. One process: no group.
+    With ``WORLD_SIZE > 1`` the first call runs ``init_process_group`` (``nccl`` on CUDA,
+    ``gloo`` on CPU, env:// rendezvous); later calls, and a group the caller initialized, reuse
+    the open group. It stays open for the life of the process (:func:`shutdown` at exit): a
+    group destroyed and created again in one torchrun process can meet stale peer addresses in
+    torchrun's store and hang. One process: no group at all.
 
     Args:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (one process only), as in the config.
 
     Example:
-        >>> with distributed("cpu") as ctx:  # torchrun --nproc_per_node=2 ... gives ranks 0, 1
-        ...     ctx.rank, ctx.world_size
+        >>> ctx = init_distributed("cpu")  # under torchrun --nproc_per_node=2: ranks 0 and 1
+        >>> ctx.rank, ctx.world_size
         (0, 1)
     """
+    global _OWN_GROUP
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
-        dev = rank_device(device, local, world)
-        if dev.type == "cuda" and dev.index is not None:
-            torch.cuda.set_device(dev)
-        yield DistContext(rank, world, local, dev, dist.get_backend() if world > 1 else None)
-        return
-    rank, world, local = env_ranks()
+        backend = dist.get_backend() if world > 1 else None
+    else:
+        rank, world, local = env_ranks()
+        backend = None
     dev = rank_device(device, local, world)
     if world == 1:
-        yield DistContext(0, 1, local, dev, None)
-        return
+        return DistContext(rank, 1, local, dev, None)
+    if backend is None:
+        backend = _init_group(rank, world, dev)
+        _OWN_GROUP = True
+        atexit.register(shutdown)
+    if backend == "nccl" and dev.type != "cuda":
+        raise ValueError(
+            f"Invalid device: {device!r} (this process group uses nccl, which needs CUDA; "
+            "pass cuda or auto)"
+        )
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return DistContext(rank, world, local, dev, backend)
+
+
+def _init_group(rank: int, world: int, device: torch.device) -> str:
     if not dist.is_available():
         raise ValueError(
             f"Invalid WORLD_SIZE: {world} (this PyTorch build has no torch.distributed)"
@@ -252,13 +282,18 @@ def distributed(device: str = "auto") -> Iterator[DistContext]:
             f"Invalid torchrun environment: WORLD_SIZE={world} without {', '.join(missing)} "
             "(start the processes with torchrun, which sets them)"
         )
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        backend, rank=rank, world_size=world, device_id=dev if dev.type == "cuda" else None
+        backend, rank=rank, world_size=world, device_id=device if device.type == "cuda" else None
     )
-    try:
-        yield DistContext(rank, world, local, dev, backend)
-    finally:
+    return backend
+
+
+def shutdown() -> None:
+    """Destroy the process group :func:`init_distributed` created (no-op otherwise)."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _OWN_GROUP = False

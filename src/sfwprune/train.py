@@ -189,7 +189,7 @@ def train_epoch(
         loss = F.cross_entropy(out.float(), y)
         if not bool(torch.isfinite(loss)):
             raise NonFiniteLossError(
-                f"Non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {step + 1}: "
+                f"Non-finite loss ({float(loss.detach())}) at epoch {epoch + 1}, step {step + 1}: "
                 "training stopped before this step touched the weights"
             )
         optimizer.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """Data-parallel training on 2 CPU processes (gloo) started by torchrun, loopback only.
 
-Two launches for the whole module: ``ddp_worker.py`` (float64 SFW steps through DDP, a 2-epoch
-``train_run``, the same run stopped after epoch 1), then ``torchrun -m sfwprune train --resume``
-finishing the stopped run. One-process references are computed here.
+One launch of ``ddp_worker.py`` for the whole module (float64 SFW steps through DDP; a 2-epoch
+run by ``train_run`` and by the CLI's ``__main__``; a run stopped after epoch 1 and resumed by
+``sfwprune train --resume``). One-process references are computed here.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _worker_module() -> ModuleType:
     return module
 
 
-def _torchrun(*args: str) -> str:
-    """``torchrun --nproc-per-node=2 ARGS`` on a free loopback port; returns stdout."""
+def _torchrun(*args: str) -> tuple[str, str]:
+    """``torchrun --nproc-per-node=2 ARGS`` on a free loopback port; returns stdout, stderr."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     if Path("/sys/class/net/lo").exists():
@@ -55,7 +55,7 @@ def _torchrun(*args: str) -> str:
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun timed out:\n{stdout[-4000:]}\n{stderr[-4000:]}")
     assert proc.returncode == 0, f"{stdout[-4000:]}\n{stderr[-4000:]}"
-    return stdout
+    return stdout, stderr
 
 
 def _load(path: Path) -> dict:
@@ -74,13 +74,8 @@ def _no_time(rows: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ddp")
-    _torchrun(str(WORKER), str(out))
-    part_epoch1 = (out / "part" / "metrics.jsonl").read_text()
-    printed = _torchrun(
-        "-m", "sfwprune", "--quiet", "--threads", "1", "train", "--resume",
-        "--out", str(out / "part"),
-    )  # fmt: skip
-    return {"out": out, "part_epoch1": part_epoch1, "printed": printed}
+    printed, stderr = _torchrun(str(WORKER), str(out))
+    return {"out": out, "printed": printed, "stderr": stderr}
 
 
 def test_sfw_steps_identical_on_ranks_and_equal_to_one_process(launched, monkeypatch) -> None:
@@ -133,17 +128,37 @@ def test_reduced_test_metrics_are_the_whole_test_set(launched) -> None:
     assert last["test_loss"] == pytest.approx(whole["loss"], rel=1e-5)
 
 
+def _same_checkpoints(a: dict, b: dict) -> None:
+    for name, value in b["model"].items():
+        assert torch.equal(a["model"][name], value), name
+    la, lb = dict(a["loader"]), dict(b["loader"])
+    assert torch.equal(la.pop("generator"), lb.pop("generator")) and la == lb
+
+
+def test_cli_under_torchrun_writes_the_run_once(launched) -> None:
+    out = launched["out"]
+    run = out / "cli"
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert [r["epoch"] for r in _rows(run)] == [1, 2]  # one line per epoch: rank 0 alone
+    assert _no_time(_rows(run)) == _no_time(_rows(out / "full"))
+    _same_checkpoints(_load(run / "checkpoint.pt"), _load(out / "full" / "checkpoint.pt"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_done"] == 2 and summary["provenance"]["world_size"] == 2
+
+
+def test_error_on_rank_0_stops_every_rank(launched) -> None:
+    out = launched["out"]  # "full" holds a run: rank 0 refuses it, rank 1 gets its error
+    assert [(out / f"refused-rank{r}.txt").read_text() for r in (0, 1)] == ["2", "2"]
+    assert "holds a run already" in launched["stderr"]
+
+
 def test_cli_resume_under_torchrun_continues_exactly(launched) -> None:
     out = launched["out"]
     part, full = out / "part", out / "full"
     assert {p.name for p in part.iterdir()} == RUN_FILES
     text = (part / "metrics.jsonl").read_text()
-    assert text.startswith(launched["part_epoch1"])  # epoch 1 kept, not retrained
+    assert text.startswith((out / "part-epoch1.jsonl").read_text())  # epoch 1 kept as it was
     assert [r["epoch"] for r in _rows(part)] == [1, 2]
     assert _no_time(_rows(part)) == _no_time(_rows(full))
-    resumed, uninterrupted = _load(part / "checkpoint.pt"), _load(full / "checkpoint.pt")
-    for name, value in uninterrupted["model"].items():
-        assert torch.equal(resumed["model"][name], value), name
-    a, b = resumed["loader"], uninterrupted["loader"]
-    assert a.keys() == b.keys() and torch.equal(a.pop("generator"), b.pop("generator")) and a == b
+    _same_checkpoints(_load(part / "checkpoint.pt"), _load(full / "checkpoint.pt"))
     assert "test accuracy" in launched["printed"]

@@ -25,14 +25,14 @@ def _one_thread() -> Iterator[None]:
 
 
 class Net(nn.Module):
-    """Tensors of every size class: tiny (<= fast.TINY), medium, large (> topk.SMALL)."""
+    """Tensors of every size class: small, medium and large (> topk.SMALL)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)  # 216 + 8
         self.bn = nn.BatchNorm2d(8)  # 8 + 8
         self.fc1 = nn.Linear(288, 72)  # 20736 (> SMALL) + 72
-        self.fc2 = nn.Linear(72, 80)  # 5760 (> TINY) + 80
+        self.fc2 = nn.Linear(72, 80)  # 5760 + 80
         self.fc3 = nn.Linear(80, 5)  # 400 + 5
         self.unused = nn.Parameter(torch.randn(7))  # never gets a gradient
 

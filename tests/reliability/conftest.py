@@ -10,7 +10,6 @@ import pytest
 
 # A run that trains in well under a second on one CPU thread (synthetic 8x8 images).
 TINY = {"dataset": "synthetic", "model": "lenet300", "limit": 128, "batch_size": 64, "epochs": 1}
-TINY_FLAGS = ["--dataset", "synthetic", "--model", "lenet300", "--limit", "128", "--batch-size", "64"]
 
 
 def _listing(root: Path) -> dict[str, tuple[int, int]]:

@@ -243,7 +243,9 @@ def _violations(source: str, rel: str) -> list[tuple[str, str, str, int]]:
                 elif f.attr in _WRITE_CALLS and owner not in ("json", "pickle"):
                     name = f.attr
                 elif f.attr == "open" and any(
-                    isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax+")
+                    isinstance(a, ast.Constant)
+                    and isinstance(a.value, str)
+                    and set(a.value) & set("wax+")
                     for a in node.args[:1]
                 ):
                     name = "Path.open"

@@ -12,8 +12,8 @@ Same math as :mod:`sfwprune.optim.reference` (``m ← ρm + (1-ρ)g``, ``v = lmo
 
   so a step is a few dense passes (|m|, a compare, two dot products, one scaling) plus O(K).
 - CPU float tensors run that through NumPy views of the same memory (small per-call cost,
-  fast compare and compaction); large ones keep their top-K candidates between steps
-  (:class:`.topk.TopKTracker`), small ones are stepped together as one concatenation.
+  fast compare and compaction). The top-K threshold is predicted from the last step
+  (:class:`.topk.TopKTracker`), so one compare leaves ~1.02·K candidates.
 - Other tensors (CUDA, half precision) use ``torch.topk``, keep every ``η`` on the device as a
   0-dim tensor (no host synchronisation) and batch norms and scalings with ``torch._foreach_*``.
 - Dense L_p vertices (p > 1) are dense by nature: the reference arithmetic, in place.
@@ -34,8 +34,6 @@ from .reference import step_size
 from .topk import TopKTracker
 
 Tensor = torch.Tensor
-# CPU tensors up to this many elements are stepped together, as one NumPy concatenation.
-TINY = 4096
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
@@ -73,7 +71,7 @@ class FastStepCache:
 
     ``specs``: resolved sets per (group values, numel). ``plan``: how each tensor is stepped,
     rebuilt when the tensors, their storage or their sets change. ``trackers``: top-K state of
-    large CPU tensors. ``vectors``: per-device hyperparameter vectors. ``use_numpy``: CPU float
+    CPU tensors. ``vectors``: per-device hyperparameter vectors. ``use_numpy``: CPU float
     tensors take the NumPy kernels; ``False`` forces the torch kernel that CUDA tensors use.
     """
 
@@ -177,7 +175,7 @@ def _sparse_numpy(
     scratch: np.ndarray,
     want_gap: bool,
 ) -> tuple[float, float | None]:
-    """One sparse-set step of a large tensor on 1-d NumPy views, in place: ``(η, fw_gap)``."""
+    """One sparse-set step on 1-d NumPy views, in place; returns ``(η, fw_gap or None)``."""
     a = np.abs(m, out=scratch)
     mm = float(np.dot(a, a))
     idx = tracker.select(a, spec.k, mm)
@@ -198,77 +196,6 @@ def _sparse_numpy(
     d_s += th_s
     theta[idx] = d_s
     return eta, gap
-
-
-class _TinyBatch:
-    """Small CPU tensors of one dtype, stepped as one concatenation (few NumPy calls in all).
-
-    Per-tensor sums are ``np.bincount`` over segment ids; only the top-K partition runs per
-    tensor.
-    """
-
-    def __init__(self, entries: list[tuple], dtype: np.dtype) -> None:
-        # entries: (item index, param, θ view, m view, spec)
-        self.index = [e[0] for e in entries]
-        self.params = [e[1] for e in entries]
-        self.thetas = [e[2] for e in entries]
-        self.ms = [e[3] for e in entries]
-        self.specs = [e[4] for e in entries]
-        sizes = np.array([t.size for t in self.thetas])
-        ks = np.array([s.k for s in self.specs])
-        ends = np.cumsum(sizes)
-        starts = ends - sizes
-        count = len(entries)
-        self.bounds = [(int(s), int(e), int(k)) for s, e, k in zip(starts, ends, ks)]
-        # k == n: every coordinate is selected, in index order
-        self.fixed = [np.arange(s, e) if k >= e - s else None for s, e, k in self.bounds]
-        self.seg = np.repeat(np.arange(count), sizes)
-        self.seg_s = np.repeat(np.arange(count), ks)
-        self.radius_s = np.repeat([s.radius for s in self.specs], ks).astype(dtype)
-        scaled = np.array([s.op == "scaled" for s in self.specs])
-        self.scaled_s = np.repeat(scaled, ks) if scaled.any() else None
-        self.m_all = np.empty(int(sizes.sum()), dtype=dtype)
-        self.theta_all = np.empty(int(sizes.sum()), dtype=dtype)
-        self.tiny = np.finfo(dtype).tiny
-
-    def step(self, groups: list[dict], want_gap: bool) -> tuple[list[float], list | None]:
-        count = len(self.thetas)
-        m, theta = self.m_all, self.theta_all
-        np.concatenate(self.ms, out=m)
-        np.concatenate(self.thetas, out=theta)
-        a = np.abs(m)
-        parts = []
-        for (s, e, k), fixed in zip(self.bounds, self.fixed):
-            if fixed is None:
-                parts.append(np.argpartition(a[s:e], e - s - k)[e - s - k :] + s)
-            else:
-                parts.append(fixed)
-        idx = np.concatenate(parts)  # segment-major: matches seg_s
-        m_s, th_s = m[idx], theta[idx]
-        v_s = np.sign(m_s)
-        v_s *= -self.radius_s
-        if self.scaled_s is not None:
-            norm = np.sqrt(np.bincount(self.seg_s, m_s * m_s, count))
-            coef = -self.radius_s / np.maximum(norm, self.tiny)[self.seg_s]
-            v_s = np.where(self.scaled_s, m_s * coef, v_s).astype(m.dtype)
-        d_s = v_s - th_s
-        gaps = None
-        if want_gap:
-            gaps = np.bincount(self.seg, m * theta, count) - np.bincount(
-                self.seg_s, m_s * v_s, count
-            )
-        theta[idx] = 0.0
-        d2 = np.bincount(self.seg, theta * theta, count) + np.bincount(self.seg_s, d_s * d_s, count)
-        mm = np.bincount(self.seg, a * a, count)
-        etas = [_eta(g, s, float(x), float(y)) for g, s, x, y in zip(groups, self.specs, mm, d2)]
-        eta = np.array(etas)
-        theta *= (1.0 - eta)[self.seg]
-        d_s *= eta[self.seg_s]
-        d_s += th_s
-        theta[idx] = d_s
-        for (s, e, _), view in zip(self.bounds, self.thetas):
-            view[...] = theta[s:e]
-        return etas, None if gaps is None else gaps.tolist()
 
 
 def _hyper_vectors(
@@ -340,10 +267,8 @@ class _Plan:
     def __init__(self, items: list[tuple], ms: list[Tensor], cache: FastStepCache) -> None:
         self.unconstrained: list[int] = []
         self.reference: list[tuple[int, _Spec]] = []
-        self.large: list[tuple] = []  # (i, param, θ numpy, m numpy, spec, tracker)
-        self.tiny: list[_TinyBatch] = []
+        self.on_cpu: list[tuple] = []  # (i, param, θ numpy, m numpy, spec, tracker)
         self.on_device: dict[tuple, list[tuple]] = {}
-        tiny: dict[np.dtype, list[tuple]] = {}
         for i, ((_, group, p), m) in enumerate(zip(items, ms)):
             spec = cache.spec(group, p.numel())
             if spec.op == "unconstrained":
@@ -355,37 +280,21 @@ class _Plan:
                 continue
             theta, m_flat = flat
             if cache.use_numpy and theta.device.type == "cpu" and theta.dtype in _NUMPY_DTYPES:
-                th_np, m_np = theta.numpy(), m_flat.numpy()
-                if th_np.size <= TINY:
-                    tiny.setdefault(th_np.dtype, []).append((i, p, th_np, m_np, spec))
-                else:
-                    tracker = cache.trackers.setdefault(id(p), TopKTracker())
-                    self.large.append((i, p, th_np, m_np, spec, tracker))
+                tracker = cache.trackers.setdefault(id(p), TopKTracker())
+                self.on_cpu.append((i, p, theta.numpy(), m_flat.numpy(), spec, tracker))
             else:
                 key = (theta.device, theta.dtype)
                 self.on_device.setdefault(key, []).append((i, p, theta, m_flat, spec))
-        self.tiny = [_TinyBatch(entries, dtype) for dtype, entries in tiny.items()]
 
     def run(self, items: list[tuple], ms: list[Tensor], cache: FastStepCache, rows: list | None):
         want = rows is not None
-        for i, p, theta, m, spec, tracker in self.large:
+        for i, p, theta, m, spec, tracker in self.on_cpu:
             scratch = cache.scratch(m.size, m.dtype)
             eta, gap = _sparse_numpy(theta, m, spec, items[i][1], tracker, scratch, want)
+            if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
+                _increment_version(p)
             if rows is not None:
                 rows[i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
-        for batch in self.tiny:
-            etas, gaps = batch.step([items[i][1] for i in batch.index], want)
-            if rows is not None and gaps is not None:
-                for i, p, eta, gap in zip(batch.index, batch.params, etas, gaps):
-                    rows[i] = _row(
-                        torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype)
-                    )
-        if _increment_version is not None:  # NumPy wrote these tensors: tell autograd
-            for entry in self.large:
-                _increment_version(entry[1])
-            for batch in self.tiny:
-                for p in batch.params:
-                    _increment_version(p)
         for entries in self.on_device.values():
             _sparse_torch(entries, [items[e[0]][1] for e in entries], cache, rows)
         for i, spec in self.reference:

@@ -68,7 +68,9 @@ def select_top_k(
     Exact: any ``k`` entries with no larger entry left out (ties at the k-th value keep the
     lowest indices). ``guess``: a threshold believed to be a little below the k-th value (e.g.
     predicted from the previous step); a wrong guess costs a retry, never correctness.
-    ``offset`` varies the sample a large array's threshold is otherwise guessed from.
+    ``offset`` varies the sample a large array's threshold is otherwise guessed from. NaN
+    entries are ordered (as largest) only by the full partition, so check finiteness first
+    (:class:`TopKTracker` does) if ``a`` may hold NaN.
 
     Returns ``(indices, kth_value, candidates)``, ``candidates`` being how many entries the
     final partition looked at (``a.size`` without a guess).
@@ -97,7 +99,16 @@ def select_top_k(
                 kth = float(np.partition(vals, c - k)[c - k])
                 return _at_or_above(cand, vals, kth, k), kth, c
     kth = float(np.partition(a, n - k)[n - k])
-    return _at_or_above(np.arange(n), a, kth, k), kth, n
+    idx = _at_or_above(np.arange(n), a, kth, k)
+    if idx.size != k:  # NaN at the k-th place: order NaN as largest, as torch.topk does
+        idx = np.sort(np.argpartition(a, n - k)[n - k :])
+    return idx, kth, n
+
+
+def _nan_last(a: np.ndarray, k: int) -> np.ndarray:
+    """Top-k indices with NaN ordered as the largest value (as ``torch.topk``), ascending."""
+    n = a.size
+    return np.arange(n) if k >= n else np.sort(np.argpartition(a, n - k)[n - k :])
 
 
 class TopKTracker:
@@ -120,6 +131,9 @@ class TopKTracker:
 
     def select(self, a: np.ndarray, k: int, scale: float = 0.0) -> np.ndarray:
         """Ascending indices of the ``k`` largest entries of ``a``; ``scale`` is ``||m||²``."""
+        if not math.isfinite(scale):  # NaN/inf in |m|: the full partition orders them
+            self.kth = None
+            return _nan_last(a, k)
         pred = None
         if self.kth is not None and self.kth > 0:
             pred = self.kth * (math.sqrt(scale / self.scale) if scale > 0 and self.scale > 0 else 1)
