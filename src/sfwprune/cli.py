@@ -7,6 +7,7 @@ Every subcommand is a thin layer over the library. Bad input prints one line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,7 +181,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             args.out.rmdir()
         raise
     final = result.metrics[-1] if result.metrics else {}
-    if final:
+    if final and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks
         print(
             f"{args.out}: test accuracy {final['test_accuracy']:.2f}% after {final['epoch']} epochs"
         )
