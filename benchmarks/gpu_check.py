@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else platform.processor(),
+        else (platform.processor() or platform.machine()),
         "torch_threads": torch.get_num_threads(),
         "loader": type(loader).__name__,
         "images": args.images,

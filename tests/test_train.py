@@ -50,7 +50,12 @@ def test_build_optimizer_defaults() -> None:
     sfw = build_optimizer(_model(), OptimizerSpec("sfw"))
     assert isinstance(sfw, SFW)
     g = sfw.param_groups[0]
-    assert (g["lr"], g["momentum"], g["rescale"], g["constraint"]) == (1.0, 0.9, "gradient", "k_sparse")
+    assert (g["lr"], g["momentum"], g["rescale"], g["constraint"]) == (
+        1.0,
+        0.9,
+        "gradient",
+        "k_sparse",
+    )
     sgd = build_optimizer(_model(), OptimizerSpec("sgd"))
     g = sgd.param_groups[0]
     assert (g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]) == (0.1, 0.9, True, 5e-4)
@@ -79,7 +84,9 @@ def test_fit_learns_and_reports() -> None:
     data = _batches()
     opt = build_optimizer(model, OptimizerSpec("sfw"))
     before = evaluate(model, data)
-    hist = fit(model, data, opt, epochs=4, scheduler=build_scheduler(opt, "cosine", 32), eval_batches=data)
+    hist = fit(
+        model, data, opt, epochs=4, scheduler=build_scheduler(opt, "cosine", 32), eval_batches=data
+    )
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
     assert hist[-1]["test_loss"] < before["loss"]
     assert hist[-1]["test_accuracy"] > before["accuracy"]

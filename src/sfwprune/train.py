@@ -159,6 +159,22 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
             params[name].mul_(mask.to(params[name].dtype))
 
 
+def _check_finite(loss: Tensor, model: nn.Module, epoch: int, step: int) -> None:
+    """Raise before the optimizer step if the loss or any gradient is NaN/inf (one host sync)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norms = torch._foreach_norm(grads) if grads else []
+    ok = torch.isfinite(loss.detach())
+    if norms:
+        ok = ok & torch.isfinite(torch.stack(norms)).all()
+    if not bool(ok):
+        value = float(loss.detach())
+        what = f"loss ({value})" if not math.isfinite(value) else f"gradient (loss {value})"
+        raise NonFiniteLossError(
+            f"Non-finite {what} at epoch {epoch + 1}, step {step + 1}: training stopped "
+            "before this step touched the weights"
+        )
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -187,13 +203,9 @@ def train_epoch(
         with autocast(device, precision):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)
-        if not bool(torch.isfinite(loss)):
-            raise NonFiniteLossError(
-                f"Non-finite loss ({float(loss.detach())}) at epoch {epoch + 1}, step {step + 1}: "
-                "training stopped before this step touched the weights"
-            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        _check_finite(loss, model, epoch, step)
         if masks:
             for name, mask in masks.items():
                 if named[name].grad is not None:
@@ -207,7 +219,7 @@ def train_epoch(
         correct += (out.argmax(1) == y).sum()
         count += y.numel()
         if on_batch is not None:
-            on_batch(step, float(loss))
+            on_batch(step, float(loss.detach()))
     if count == 0:
         raise ValueError("Invalid training data: no batches (expected at least one sample)")
     return {"train_loss": float(loss_sum) / count, "train_accuracy": 100.0 * float(correct) / count}

@@ -198,32 +198,13 @@ def test_invalid_sizes_are_refused(shape, k_extra, radius) -> None:
             raise AssertionError("accepted an invalid size")
 
 
-_ZERO_GRAD_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "v = g · (-radius / max(||g||, tiny)): when ||g|| underflows (g = 0, or every |g_i| "
-        "below ~1e-154 in float64 / ~1e-19 in float32, whose squares vanish) the vertex is "
-        "huge (infeasible) or 0 · inf = NaN, and SFW writes it into the weights. Fix in "
-        "src/sfwprune/constraints/lp_ball.py::lp_ball_lmo (p = 2) and "
-        "src/sfwprune/constraints/k_support.py::k_support_lmo: scale by max|g| first, as the "
-        "general-p branch does (a = g / max|g|; v = -radius · a / ||a||; zeros when max|g| = 0); "
-        "the same in src/sfwprune/optim/fast.py (the K-support 'scaled' step: "
-        "v_s = m_s * (-radius / norm))."
-    ),
-)
-
-
 def _zero_tiny_cases():
     sets = [KSparsePolytope(6, 2, 4.0), LpBall(6, 1.0, 4.0), LpBall(6, 3.0, 4.0),
             LpBall(6, math.inf, 4.0), LpBall(6, 2.0, 4.0), LpBall(6, 2.0, 1.0),
             KSupportNormBall(6, 2, 4.0), KSupportNormBall(6, 2, 1.0)]  # fmt: skip
     for cset in sets:
         for size in ("zero", "tiny"):
-            l2_like = isinstance(cset, KSupportNormBall) or getattr(cset, "p", 0) == 2.0
-            # g = 0 only breaks radius > ~4 (-radius/tiny = -inf); a tiny g breaks every radius
-            broken = l2_like and (size == "tiny" or cset.radius >= 4.0)
-            marks = _ZERO_GRAD_BUG if broken else ()
-            yield pytest.param(cset, size, id=f"{size}-{cset!r}", marks=marks)
+            yield pytest.param(cset, size, id=f"{size}-{cset!r}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

@@ -100,16 +100,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, child_env
             assert got[key] == want[key], (got["epoch"], key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "runner._write_epoch saves checkpoint.pt before appending the epoch's metrics line: a kill "
-        "between the two loses that line for good (resume keeps metrics[:ckpt_epoch] = one short). "
-        "Fix in src/sfwprune/experiments/runner.py::_write_epoch: append the metrics line first, "
-        "then save the checkpoint (resume already truncates extra lines), or keep the metrics rows "
-        "in the checkpoint and rewrite metrics.jsonl from them on resume."
-    ),
-)
 def test_kill_between_checkpoint_and_metrics_line_loses_nothing(tmp_path, monkeypatch) -> None:
     cfg = TrainConfig(dataset="synthetic", model="lenet300", epochs=3, limit=128, batch_size=64)
     run = tmp_path / "run"

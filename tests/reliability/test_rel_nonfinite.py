@@ -110,17 +110,6 @@ class _NaNGradient(nn.Module):
         return self.fc(x.flatten(1)) + 0.0 * torch.sqrt(self.z)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "train_epoch checks only the loss: a finite loss with a NaN gradient is stepped and "
-        "NaN reaches the weights (the error comes one step later, naming the wrong step). "
-        "Fix in src/sfwprune/train.py::train_epoch: after loss.backward() (and the masks), "
-        "check the gradients (one fused check, e.g. torch._foreach_norm over grads -> isfinite) "
-        "and raise NonFiniteLossError('Non-finite gradient ... at epoch E, step S ...') before "
-        "optimizer.step(); or rely on SFW.step refusing non-finite gradients (see below)."
-    ),
-)
 @pytest.mark.parametrize("optimizer", ["sfw", "sgd"])
 def test_nan_gradient_with_finite_loss_stops_before_the_step(optimizer) -> None:
     model = _NaNGradient()
@@ -212,27 +201,11 @@ def test_sfw_step_never_writes_nan_into_the_weights(kind, foreach, bad) -> None:
     assert not torch.equal(w.detach(), before)
 
 
-_ZERO_GRAD_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "an all-zero gradient on an L2-ball / K-support tensor of radius > ~4 gives a NaN vertex "
-        "(g · (-radius / tiny) = 0 · inf), and the step writes NaN into the weights. Fix in "
-        "src/sfwprune/constraints/lp_ball.py::lp_ball_lmo and k_support.py::k_support_lmo "
-        "(divide first or return zeros where the norm is 0) and the fast path's K-support "
-        "step in src/sfwprune/optim/fast.py (v_s = m_s * (-radius / norm), NumPy and torch "
-        "kernels: use (m_s / norm) * -radius); see "
-        "test_rel_constraint_properties.py::test_lmo_of_a_zero_gradient_is_finite."
-    ),
-)
-_ZERO_GRAD_BROKEN = {("l2", None), ("l2", False), ("k_support", None), ("k_support", False)}
-
-
 @pytest.mark.parametrize(
     "kind, foreach",
     [
         pytest.param(
             kind, foreach, id=f"{kind}-{'reference' if foreach is False else 'fast'}",
-            marks=_ZERO_GRAD_XFAIL if (kind, foreach) in _ZERO_GRAD_BROKEN else (),
         )
         for kind in sorted(KINDS)
         for foreach in (None, False)

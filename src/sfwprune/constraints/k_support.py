@@ -19,9 +19,13 @@ def k_support_lmo(grad: Tensor, k: int, radius: float) -> Tensor:
     flat = grad.reshape(-1)
     idx = torch.topk(flat.abs(), k, sorted=False).indices
     top = flat[idx]
-    norm = torch.clamp(torch.linalg.vector_norm(top), min=torch.finfo(flat.dtype).tiny)
+    # Scale by the max first so that the norm of a tiny (or huge) top-k neither under- nor
+    # overflows; a zero gradient gives the zero vertex.
+    amax = top.abs().max()
+    top = top / torch.clamp(amax, min=torch.finfo(flat.dtype).tiny)
+    top = top * (-radius / torch.clamp(torch.linalg.vector_norm(top), min=1.0))
     v = torch.zeros_like(flat)
-    v.scatter_(0, idx, top * (-radius / norm))
+    v.scatter_(0, idx, torch.where(amax > 0, top, torch.zeros_like(top)))
     return v.view_as(grad)
 
 

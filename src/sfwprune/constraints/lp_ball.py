@@ -44,15 +44,18 @@ def lp_ball_lmo(grad: Tensor, p: float, radius: float) -> Tensor:
     elif math.isinf(p):
         v = -radius * torch.sign(flat)
     elif p == 2.0:
-        norm = torch.linalg.vector_norm(flat)
-        v = flat * (-radius / torch.clamp(norm, min=torch.finfo(flat.dtype).tiny))
+        # Scale by the max first: ||g|| of a tiny g underflows, of a huge g overflows.
+        amax = flat.abs().max()
+        a = flat / torch.clamp(amax, min=torch.finfo(flat.dtype).tiny)
+        v = a * (-radius / torch.clamp(torch.linalg.vector_norm(a), min=1.0))
+        v = torch.where(amax > 0, v, torch.zeros_like(v))
     else:
         q = p / (p - 1.0)
         a = flat.abs()
         # Normalise by the max first so |g|^{q-1} neither overflows nor underflows.
         amax = torch.clamp(a.max(), min=torch.finfo(flat.dtype).tiny)
         a = a / amax
-        norm_q = torch.clamp(torch.linalg.vector_norm(a, ord=q), min=torch.finfo(flat.dtype).tiny)
+        norm_q = torch.clamp(torch.linalg.vector_norm(a, ord=q), min=1.0)  # >= 1 unless g = 0
         v = -radius * torch.sign(flat) * (a / norm_q) ** (q - 1.0)
     return v.view_as(grad)
 

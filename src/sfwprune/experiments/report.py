@@ -123,9 +123,14 @@ def write_report(
 ) -> Path:
     """Regenerate ``RESULTS.md`` and the figures in ``docs/`` from the grid in ``out_dir``."""
     out = Path(out_dir)
-    grids = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/reproduce_config.json"))}
+    grids = {
+        p.parent.name: json.loads(p.read_text())
+        for p in sorted(out.glob("*/reproduce_config.json"))
+    }
     if not grids:
-        raise FileNotFoundError(f"Invalid reproduce folder: {str(out)!r} (no <model>/reproduce_config.json)")
+        raise FileNotFoundError(
+            f"Invalid reproduce folder: {str(out)!r} (no <model>/reproduce_config.json)"
+        )
     order = ["lenet300", "lenet5", "lenet5bn"]
     models = sorted(grids, key=lambda m: (order.index(m) if m in order else 99, m))
     rc = grids[models[0]]
@@ -159,7 +164,11 @@ def write_report(
                 f"Best SFW variant (method 7): `{best['variant']}` = {json.dumps(settings)}, "
                 f"pruning scope `{best['scope']}`. Rule: {best['rule']}; selection seed "
                 f"{best['selection_seed']}"
-                + (f", selected on {best['selected_on']} and reused here." if best.get("selected_on") else "."),
+                + (
+                    f", selected on {best['selected_on']} and reused here."
+                    if best.get("selected_on")
+                    else "."
+                ),
                 "",
             ]
         parts += _targets(stats, sparsities) + [""]

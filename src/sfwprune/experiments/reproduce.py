@@ -333,7 +333,9 @@ def run_reproduce(
     out.mkdir(parents=True, exist_ok=True)
     for model in rc.models:  # per model: grids of different models may differ (epochs, seeds)
         (out / model).mkdir(parents=True, exist_ok=True)
-        _io.atomic_write_json(out / model / "reproduce_config.json", {**asdict(rc), "models": [model]})
+        _io.atomic_write_json(
+            out / model / "reproduce_config.json", {**asdict(rc), "models": [model]}
+        )
     if rc.best_from is not None:
         source = out / rc.best_from / "best.json"
         if not source.is_file():

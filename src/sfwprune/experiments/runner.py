@@ -103,8 +103,14 @@ def read_config(run_dir: str | Path) -> TrainConfig:
         raise FileNotFoundError(
             f"Invalid run folder: {str(run_dir)!r} (no {CONFIG_FILE}; train a run there first)"
         )
-    values = json.loads(path.read_text(encoding="utf-8"))
-    return TrainConfig.from_dict(values["config"])
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        stored = values["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"Invalid run config: {str(path)!r} (not an sfwprune config.json: {type(exc).__name__})"
+        ) from None
+    return TrainConfig.from_dict(stored)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -216,11 +222,12 @@ def _train_run(
     log: Callable[[str], None],
     stop_after_epoch: int | None,
 ) -> RunResult:
-    resuming = ctx.main_only(lambda: _check_folder(cfg, out, resume))
     start = time.perf_counter()
     device = ctx.device
-    torch.manual_seed(cfg.seed)
+    # Data first: a missing dataset must fail before the run folder exists.
     data = ctx.main_first(lambda: load_data(cfg))  # rank 0 first: it may fill a cache
+    resuming = ctx.main_only(lambda: _check_folder(cfg, out, resume))
+    torch.manual_seed(cfg.seed)
     model = make_model(cfg, data, device)
     channels_last = use_channels_last(model, device)
     if channels_last:
@@ -342,8 +349,10 @@ def _truncate_metrics(out: Path, epochs: int) -> list[dict[str, Any]]:
 
 
 def _write_epoch(out: Path, ckpt: dict[str, Any], row: dict[str, Any]) -> None:
-    _io.atomic_torch_save(ckpt, out / CHECKPOINT_FILE)
+    # The metrics line first: a kill between the two leaves a line past the checkpoint, which
+    # --resume drops (it keeps the lines of the checkpoint's epochs), never a missing line.
     _io.append_line(out / METRICS_FILE, json.dumps(row))
+    _io.atomic_torch_save(ckpt, out / CHECKPOINT_FILE)
 
 
 def _global_loader_state(loader: DeviceLoader, cfg: TrainConfig) -> dict[str, Any]:

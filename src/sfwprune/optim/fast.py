@@ -13,7 +13,8 @@ Same math as :mod:`sfwprune.optim.reference` (``m ← ρm + (1-ρ)g``, ``v = lmo
   so a step is a few dense passes (|m|, a compare, two dot products, one scaling) plus O(K).
 - CPU float tensors run that through NumPy views of the same memory (small per-call cost,
   fast compare and compaction). The top-K threshold is predicted from the last step
-  (:class:`.topk.TopKTracker`), so one compare leaves ~1.02·K candidates.
+  (:class:`.topk.TopKTracker`), so one compare leaves ~1.02·K candidates. Tensors of at most
+  ``topk.SMALL`` elements take the reference arithmetic (dense vertex) in a dozen NumPy calls.
 - Other tensors (CUDA, half precision) use ``torch.topk``, keep every ``η`` on the device as a
   0-dim tensor (no host synchronisation) and batch norms and scalings with ``torch._foreach_*``.
 - Dense L_p vertices (p > 1) are dense by nature: the reference arithmetic, in place.
@@ -31,7 +32,7 @@ import torch
 from ..constraints import constraint_from_group
 from ..constraints.lp_ball import lp_ball_lmo
 from .reference import step_size
-from .topk import TopKTracker
+from .topk import SMALL, TopKTracker
 
 Tensor = torch.Tensor
 _NUMPY_DTYPES = (torch.float32, torch.float64)
@@ -166,6 +167,31 @@ def _reference_update(
     return row
 
 
+def _small_numpy(
+    theta: np.ndarray, m: np.ndarray, spec: _Spec, group: dict, want_gap: bool
+) -> tuple[float, float | None]:
+    """The reference arithmetic (dense vertex) on small 1-d NumPy views: fewest calls."""
+    n, k = m.size, spec.k
+    a = np.abs(m)
+    idx = np.argpartition(a, n - k)[n - k :] if k < n else slice(None)  # NaN counts as largest
+    m_s = m[idx]
+    v = np.zeros_like(m)
+    if spec.op == "scaled":
+        v[idx] = m_s * (-spec.radius / max(math.sqrt(float(np.dot(m_s, m_s))), _tiny(m)))
+    else:
+        v[idx] = np.sign(m_s) * -spec.radius
+    direction = np.subtract(v, theta, out=v)  # v - θ
+    gap = -float(np.dot(m, direction)) if want_gap else None
+    eta = _eta(group, spec, float(np.dot(a, a)), float(np.dot(direction, direction)))
+    direction *= eta
+    theta += direction
+    return eta, gap
+
+
+def _tiny(x: np.ndarray) -> float:
+    return float(np.finfo(x.dtype).tiny)
+
+
 def _sparse_numpy(
     theta: np.ndarray,
     m: np.ndarray,
@@ -181,7 +207,7 @@ def _sparse_numpy(
     idx = tracker.select(a, spec.k, mm)
     m_s, th_s = m.take(idx), theta.take(idx)
     if spec.op == "scaled":
-        norm = max(math.sqrt(float(np.dot(m_s, m_s))), np.finfo(m.dtype).tiny)
+        norm = max(math.sqrt(float(np.dot(m_s, m_s))), _tiny(m))
         v_s = m_s * (-spec.radius / norm)
     else:
         v_s = np.sign(m_s)
@@ -280,7 +306,9 @@ class _Plan:
                 continue
             theta, m_flat = flat
             if cache.use_numpy and theta.device.type == "cpu" and theta.dtype in _NUMPY_DTYPES:
-                tracker = cache.trackers.setdefault(id(p), TopKTracker())
+                tracker = (
+                    cache.trackers.setdefault(id(p), TopKTracker()) if p.numel() > SMALL else None
+                )
                 self.on_cpu.append((i, p, theta.numpy(), m_flat.numpy(), spec, tracker))
             else:
                 key = (theta.device, theta.dtype)
@@ -289,8 +317,11 @@ class _Plan:
     def run(self, items: list[tuple], ms: list[Tensor], cache: FastStepCache, rows: list | None):
         want = rows is not None
         for i, p, theta, m, spec, tracker in self.on_cpu:
-            scratch = cache.scratch(m.size, m.dtype)
-            eta, gap = _sparse_numpy(theta, m, spec, items[i][1], tracker, scratch, want)
+            if m.size <= SMALL:
+                eta, gap = _small_numpy(theta, m, spec, items[i][1], want)
+            else:
+                scratch = cache.scratch(m.size, m.dtype)
+                eta, gap = _sparse_numpy(theta, m, spec, items[i][1], tracker, scratch, want)
             if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
                 _increment_version(p)
             if rows is not None:
