@@ -9,7 +9,8 @@ forward, loss, backward, optimizer step) and of the optimizer step alone, for
    separate pass for ``||θ - v||`` and a host sync (``.item()``) per tensor.
 The three run interleaved in one process (each repeat steps all three, in rotating order), on
 the same cycle of random batches, so a noisy neighbour slows them alike. For ResNet-18 it also
-times the sparsity sweep (one ranking for 19 levels) against 19 fresh prune+evaluate runs.
+times the sparsity sweep (one ranking for 19 levels) against 19 fresh prune+evaluate runs, and
+on CPU the top-K selection alone (``torch.topk`` vs the optimizer's) on large tensors.
 
     python benchmarks/step_time.py --threads 1 [--repeats 200] [--device cpu|cuda] [--out f]
 """
@@ -240,6 +241,43 @@ def time_sweep(device: torch.device, eval_batches: int) -> dict:
     }
 
 
+def time_topk(sizes: list[int], k_frac: float = 0.05, repeats: int = 30) -> dict:
+    """Top-K by magnitude on CPU: ``torch.topk`` vs :func:`select_top_k` (sampled threshold) vs
+    :class:`TopKTracker` (threshold predicted from the previous step, as the optimizer uses it).
+    """
+    import numpy as np
+
+    from sfwprune.optim.topk import TopKTracker, select_top_k
+
+    out = {}
+    gen = torch.Generator().manual_seed(0)
+    for n in sizes:
+        k = int(k_frac * n)
+        m = torch.randn(n, generator=gen)
+        times: dict[str, list[float]] = {"torch_topk": [], "select_top_k": [], "tracker": []}
+        tracker = TopKTracker()
+        for _ in range(repeats):
+            # momentum-like drift between calls, as in training
+            m.mul_(0.9).add_(torch.randn(n, generator=gen), alpha=0.1)
+            a, mn = m.abs(), m.numpy()
+            t0 = time.perf_counter()
+            torch.topk(a, k, sorted=False)
+            t1 = time.perf_counter()
+            select_top_k(np.abs(mn), k)
+            t2 = time.perf_counter()
+            tracker.select(mn, k, float(np.dot(mn, mn)))
+            t3 = time.perf_counter()
+            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[key].append(dt * 1e3)
+        med = {key: statistics.median(v) for key, v in times.items()}
+        out[str(n)] = {
+            "k": k,
+            "median_ms": med,
+            "topk_over_tracker": med["torch_topk"] / med["tracker"],
+        }
+    return out
+
+
 def _provenance(device: torch.device) -> dict:
     try:
         from sfwprune.experiments.provenance import provenance
@@ -263,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resnet-repeats", type=int, default=None,
                     help="repeats for resnet18 (default: 20 on cpu, else --repeats)")  # fmt: skip
     ap.add_argument("--sweep-eval-batches", type=int, default=1, help="0 skips the sweep")
+    ap.add_argument("--topk-sizes", default="235200,2359296",
+                    help="tensor sizes for the CPU top-K comparison ('' skips it)")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -289,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         result["models"][name] = {"repeats": reps, **time_model(name, device, reps, args.warmup)}
     if args.sweep_eval_batches > 0 and "resnet18" in args.models.split(","):
         result["sweep_resnet18"] = time_sweep(device, args.sweep_eval_batches)
+    if args.topk_sizes and device.type == "cpu":
+        result["topk_cpu"] = time_topk([int(n) for n in args.topk_sizes.split(",")])
     result["load_average_at_end"] = list(os.getloadavg())
     result["provenance"] = _provenance(device)
     result["wall_s"] = time.perf_counter() - start

@@ -72,7 +72,9 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
         model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.value,
         mode=spec.mode, include=spec.constrain,
     )  # fmt: skip
-    return SFW(groups, lr=lr, momentum=spec.momentum, rescale=spec.rescale)
+    # train_epoch checks loss and gradients before every step, so the optimizer's own check
+    # (a second pass over the gradients) is switched off here.
+    return SFW(groups, lr=lr, momentum=spec.momentum, rescale=spec.rescale, check_finite=False)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -162,10 +164,10 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 def _check_finite(loss: Tensor, model: nn.Module, epoch: int, step: int) -> None:
     """Raise before the optimizer step if the loss or any gradient is NaN/inf (one host sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm(grads) if grads else []
+    norms = torch._foreach_norm(grads, float("inf")) if grads else []  # no overflow
     ok = torch.isfinite(loss.detach())
     if norms:
-        ok = ok & torch.isfinite(torch.stack(norms)).all()
+        ok = ok & torch.stack([torch.isfinite(n) for n in norms]).all()
     if not bool(ok):
         value = float(loss.detach())
         what = f"loss ({value})" if not math.isfinite(value) else f"gradient (loss {value})"

@@ -274,8 +274,12 @@ def test_tracker_stays_exact_as_the_array_drifts() -> None:
         m = 0.9 * m + 0.1 * rng.standard_normal(n) * (1 + 0.3 * math.sin(step))
         if step == 15:
             m[:50] *= 100.0  # a jump no prediction sees coming
-        a = np.abs(m)
-        assert np.array_equal(tracker.select(a, k, float(a @ a)), _reference_top(a, k))
+        idx, m_s = tracker.select(m, k, float(m @ m))
+        assert np.array_equal(idx, _reference_top(np.abs(m), k))
+        assert np.array_equal(m_s, m[idx])
+    m[7] = np.nan  # NaN counts as the largest, as in torch.topk
+    idx, _ = tracker.select(m, k, float(m @ m))
+    assert 7 in idx and idx.size == k
 
 
 def test_topk_abs_indices() -> None:

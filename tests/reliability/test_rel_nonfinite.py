@@ -157,25 +157,10 @@ def test_sfw_huge_finite_gradients_keep_weights_finite_and_inside(kind, foreach)
                 assert inside, (dtype, n)
 
 
-_SFW_NAN_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "SFW.step writes NaN into the weights (and the momentum buffer, poisoning every later "
-        "step) when a gradient holds NaN or inf. Fix in src/sfwprune/optim/sfw.py::SFW.step "
-        "(both the fast and the reference path): before touching momentum or weights, check the "
-        "gradients are finite (one fused reduction per step, e.g. torch._foreach_norm -> "
-        "isfinite; on GPU keep it on device like GradScaler's found_inf) and either raise a "
-        "ValueError naming the param group, or skip the step, leaving weights and momentum as "
-        "they were."
-    ),
-)
-# Where an inf gradient happens to stay harmless today (the reference path's sign-based LMOs).
-_SFW_FINE_TODAY = {("k_sparse", False, "inf"), ("l1", False, "inf"), ("linf", False, "inf")}
 _SFW_CASES = [
     pytest.param(
         kind, foreach, bad,
         id=f"{kind}-{'reference' if foreach is False else 'fast'}-{bad}",
-        marks=() if (kind, foreach, bad) in _SFW_FINE_TODAY else _SFW_NAN_XFAIL,
     )
     for kind in sorted(KINDS)
     for foreach in (None, False)

@@ -10,7 +10,7 @@ Same math as :mod:`sfwprune.optim.reference` (``m ← ρm + (1-ρ)g``, ``v = lmo
       ||θ - v||² = ||θ with θ_S := 0||² + ||θ_S - v_S||²      (no cancellation)
       θ ← (1-η) θ   off S;     θ_S ← θ_S + η (v_S - θ_S)   on S
 
-  so a step is a few dense passes (|m|, a compare, two dot products, one scaling) plus O(K).
+  so a step is a few dense passes (two compares, two dot products, one scaling) plus O(K).
 - CPU float tensors run that through NumPy views of the same memory (small per-call cost,
   fast compare and compaction). The top-K threshold is predicted from the last step
   (:class:`.topk.TopKTracker`), so one compare leaves ~1.02·K candidates. Tensors of at most
@@ -177,7 +177,7 @@ def _small_numpy(
     m_s = m[idx]
     v = np.zeros_like(m)
     if spec.op == "scaled":
-        v[idx] = m_s * (-spec.radius / max(math.sqrt(float(np.dot(m_s, m_s))), _tiny(m)))
+        v[idx] = _scaled_vertex(m_s, spec.radius)
     else:
         v[idx] = np.sign(m_s) * -spec.radius
     direction = np.subtract(v, theta, out=v)  # v - θ
@@ -188,8 +188,15 @@ def _small_numpy(
     return eta, gap
 
 
-def _tiny(x: np.ndarray) -> float:
-    return float(np.finfo(x.dtype).tiny)
+def _scaled_vertex(m_s: np.ndarray, radius: float) -> np.ndarray:
+    """K-support vertex on the selected entries: ``-radius · m_s / ||m_s||``; 0 where m_s = 0.
+
+    Scaled by ``max|m_s|`` first, so a tiny (or huge) ``m_s`` neither under- nor overflows."""
+    amax = float(np.abs(m_s).max()) if m_s.size else 0.0
+    if not amax > 0:
+        return np.zeros_like(m_s)
+    a = m_s / amax
+    return a * (-radius / max(math.sqrt(float(np.dot(a, a))), 1.0))
 
 
 def _sparse_numpy(
@@ -202,13 +209,11 @@ def _sparse_numpy(
     want_gap: bool,
 ) -> tuple[float, float | None]:
     """One sparse-set step on 1-d NumPy views, in place; returns ``(η, fw_gap or None)``."""
-    a = np.abs(m, out=scratch)
-    mm = float(np.dot(a, a))
-    idx = tracker.select(a, spec.k, mm)
-    m_s, th_s = m.take(idx), theta.take(idx)
+    mm = float(np.dot(m, m))
+    idx, m_s = tracker.select(m, spec.k, mm, scratch)
+    th_s = theta.take(idx)
     if spec.op == "scaled":
-        norm = max(math.sqrt(float(np.dot(m_s, m_s))), _tiny(m))
-        v_s = m_s * (-spec.radius / norm)
+        v_s = _scaled_vertex(m_s, spec.radius)
     else:
         v_s = np.sign(m_s)
         v_s *= -spec.radius
@@ -260,8 +265,10 @@ def _sparse_torch(
             idx = torch.arange(n, device=m.device)
         m_s, th_s = m.index_select(0, idx), theta.index_select(0, idx)
         if spec.op == "scaled":
-            norm = torch.clamp(torch.linalg.vector_norm(m_s), min=torch.finfo(m.dtype).tiny)
-            v_s = m_s * ((-spec.radius) / norm)
+            amax = m_s.abs().max()
+            a = m_s / torch.clamp(amax, min=torch.finfo(m.dtype).tiny)
+            v_s = a * ((-spec.radius) / torch.clamp(torch.linalg.vector_norm(a), min=1.0))
+            v_s = torch.where(amax > 0, v_s, torch.zeros_like(v_s))
         else:
             v_s = torch.sign(m_s).mul_(-spec.radius)
         if rows is not None:

@@ -55,6 +55,8 @@ class SFW(torch.optim.Optimizer):
         lr: learning rate (default 1.0, the paper's).
         momentum: ρ in [0, 1) (default 0.9).
         rescale: ``"gradient"`` (default), ``"diameter"`` or ``None``.
+        check_finite: refuse (``ValueError``, nothing changed) a step whose gradients hold NaN
+            or inf; costs one fused norm and one host sync per step (default True).
         diagnostics: when True, ``self.diagnostics`` holds, after each step, one dict per
             stepped tensor with ``name``, ``fw_gap`` (``<m, θ - v>``) and ``step_size`` (η)
             as 0-dim tensors. Off by default, and then free.
@@ -77,6 +79,7 @@ class SFW(torch.optim.Optimizer):
         rescale: str | None = "gradient",
         diagnostics: bool = False,
         foreach: bool | None = None,
+        check_finite: bool = True,
     ):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
@@ -91,6 +94,7 @@ class SFW(torch.optim.Optimizer):
             "p": None,
             "radius": None,
         }
+        self.check_finite = bool(check_finite)
         self.track_diagnostics = bool(diagnostics)
         self.diagnostics: list[dict[str, Any]] = []
         super().__init__(params, defaults)
@@ -111,6 +115,35 @@ class SFW(torch.optim.Optimizer):
                 )
             constraint_from_group(group, p.numel())  # validates k, p, radius
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults/state/param_groups; keep our switches too.
+        state = super().__getstate__()
+        state.update(
+            foreach=self.foreach, track_diagnostics=self.track_diagnostics,
+            check_finite=self.check_finite, diagnostics=[],
+        )  # fmt: skip
+        return state
+
+    def _refuse_non_finite_gradients(self) -> None:
+        """Raise before any state changes if a gradient holds NaN/inf (one host sync)."""
+        grads, names = [], []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(p.grad)
+                    names.append(group.get("name", str(index)))
+        if not grads:
+            return
+        # max |g| (inf-norm): finite exactly when every entry is, and it cannot overflow
+        norms = torch._foreach_norm(grads, float("inf"))
+        finite = torch.stack([torch.isfinite(n) for n in norms])
+        if not bool(finite.all()):
+            bad = names[int(torch.nonzero(~finite)[0])]
+            raise ValueError(
+                f"Invalid gradient: non-finite values in param group {bad!r} (the SFW step was "
+                "refused; weights and momentum are unchanged)"
+            )
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One SFW step for every parameter that has a gradient; returns the closure's loss."""
@@ -118,6 +151,8 @@ class SFW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.check_finite:
+            self._refuse_non_finite_gradients()
         diagnostics: list[dict[str, Any]] | None = [] if self.track_diagnostics else None
         if getattr(self, "foreach", None) is not False:
             cache = getattr(self, "_fast_cache", None)

@@ -47,8 +47,8 @@ def _threshold_guess(a: np.ndarray, k: int, slack: float, offset: int) -> float:
     return float(np.partition(sample, s - above)[s - above])
 
 
-def _at_or_above(positions: np.ndarray, values: np.ndarray, kth: float, k: int) -> np.ndarray:
-    """The ``k`` positions whose value is >= ``kth`` (the k-th largest), in ascending order.
+def _keep_mask(values: np.ndarray, kth: float, k: int) -> np.ndarray:
+    """Mask of the ``k`` entries of ``values`` that are >= ``kth`` (the k-th largest).
 
     Ties at ``kth`` beyond ``k`` keep the lowest positions.
     """
@@ -57,7 +57,12 @@ def _at_or_above(positions: np.ndarray, values: np.ndarray, kth: float, k: int) 
         keep = values > kth
         ties = np.flatnonzero(values == kth)[: k - np.count_nonzero(keep)]
         keep[ties] = True
-    return positions[keep]
+    return keep
+
+
+def _at_or_above(positions: np.ndarray, values: np.ndarray, kth: float, k: int) -> np.ndarray:
+    """The ``k`` positions whose value is >= ``kth`` (the k-th largest), in ascending order."""
+    return positions[_keep_mask(values, kth, k)]
 
 
 def select_top_k(
@@ -115,34 +120,63 @@ class TopKTracker:
     """Exact top-K of ``|m|`` for one tensor, step after step, guessing the threshold well.
 
     The K-th largest ``|m|`` moves with ``||m||`` (within ~1% per step in training), so
-    ``kth_prev · ||m||/||m_prev|| · (1 - margin)`` leaves barely more than K candidates; the
-    margin adapts to how far the last prediction was off. Selection is :func:`select_top_k`.
+    ``lo = kth_prev · ||m||/||m_prev|| · (1 - margin)`` leaves barely more than K candidates
+    ``{i : m_i >= lo or m_i <= -lo}`` (two compares on ``m`` itself, no ``|m|`` array); the
+    margin adapts to how far the last prediction was off. A miss (fewer than K candidates)
+    falls back to :func:`select_top_k`, so the result is always exact.
 
     Example:
         >>> tracker = TopKTracker()
-        >>> tracker.select(np.abs(np.arange(-10.0, 10.0)), 3).tolist()
-        [0, 1, 19]
+        >>> idx, m_s = tracker.select(np.arange(-10.0, 10.0), 3)
+        >>> idx.tolist(), m_s.tolist()
+        ([0, 1, 19], [-10.0, -9.0, 9.0])
     """
 
     def __init__(self) -> None:
         self.kth: float | None = None
         self.scale = 0.0
         self.margin = 0.05
+        self._masks: tuple[np.ndarray, np.ndarray] | None = None
 
-    def select(self, a: np.ndarray, k: int, scale: float = 0.0) -> np.ndarray:
-        """Ascending indices of the ``k`` largest entries of ``a``; ``scale`` is ``||m||²``."""
-        if not math.isfinite(scale):  # NaN/inf in |m|: the full partition orders them
+    def select(
+        self, m: np.ndarray, k: int, scale: float = 0.0, scratch: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(S, m[S])``: ascending indices of the ``k`` largest ``|m_i|`` and their values.
+
+        ``scale`` is ``||m||²`` (for the prediction); ``scratch`` an optional work array
+        like ``m``.
+        """
+        n = m.size
+        if not math.isfinite(scale):  # NaN/inf in m: the full partition orders them
             self.kth = None
-            return _nan_last(a, k)
+            idx = _nan_last(np.abs(m, out=scratch), k)
+            return idx, m.take(idx)
         pred = None
-        if self.kth is not None and self.kth > 0:
+        if self.kth is not None and self.kth > 0 and n > SMALL and 4 * k <= n:
             pred = self.kth * (math.sqrt(scale / self.scale) if scale > 0 and self.scale > 0 else 1)
-        guess = None if pred is None else pred * (1.0 - self.margin)
-        idx, kth, _ = select_top_k(a, k, guess)
+            lo = pred * (1.0 - self.margin)
+            if self._masks is None or self._masks[0].size != n:
+                self._masks = (np.empty(n, dtype=bool), np.empty(n, dtype=bool))
+            above, below = self._masks
+            np.greater_equal(m, lo, out=above)
+            np.less_equal(m, -lo, out=below)
+            cand = np.flatnonzero(np.logical_or(above, below, out=above))
+            c = cand.size
+            if c >= k:
+                signed = m.take(cand)
+                vals = np.abs(signed)
+                kth = float(np.partition(vals, c - k)[c - k])
+                keep = _keep_mask(vals, kth, k)
+                self._remember(kth, pred, scale)
+                return cand[keep], signed[keep]
+        idx, kth, _ = select_top_k(np.abs(m, out=scratch), k)
+        self._remember(kth, pred, scale)
+        return idx, m.take(idx)
+
+    def _remember(self, kth: float, pred: float | None, scale: float) -> None:
         if pred is not None and pred > 0:
             self.margin = min(0.25, max(0.003, 0.002 + 2.5 * abs(kth / pred - 1.0)))
         self.kth, self.scale = kth, scale
-        return idx
 
 
 def topk_abs_indices(x: Tensor, k: int) -> Tensor:
