@@ -10,7 +10,15 @@ import torch
 
 from sfwprune import KSparsePolytope, KSupportNormBall, LpBall
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """These tests compare exact optima: float64, restored afterwards (no global leak)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def k_sparse_vertices(n: int, k: int, radius: float) -> torch.Tensor:
@@ -37,7 +45,7 @@ def max_pairwise_distance(vertices: torch.Tensor) -> float:
 
 
 GRADS = [
-    torch.randn(n, generator=torch.Generator().manual_seed(n * 7 + s))
+    torch.randn(n, generator=torch.Generator().manual_seed(n * 7 + s), dtype=torch.float64)
     for n in range(1, 6)
     for s in range(4)
 ]
