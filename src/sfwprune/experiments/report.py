@@ -171,6 +171,18 @@ def write_report(
                 ),
                 "",
             ]
+        if best and best.get("candidates") and not best.get("selected_on"):
+            parts += [
+                "What was tried for method 7 (selection seed; mean of 90/95/98% accuracy):", "",
+                "| variant | scope | dense | mean 90/95/98% | dense within tolerance |",
+                "|---|---|---|---|---|",
+                *[
+                    f"| `{c['variant']}` | {c['scope']} | {c['dense']:.2f} | {c['score']:.2f} | "
+                    f"{'yes' if c['dense_ok'] else 'no'} |"
+                    for c in sorted(best["candidates"], key=lambda c: -c["score"])
+                ],
+                f"\nSGD's dense accuracy on the selection seed: {best['sgd_dense']:.2f}.", "",
+            ]  # fmt: skip
         parts += _targets(stats, sparsities) + [""]
         if "sfw" in stats and "sfw_init" in stats:
             diffs = [a[0] - b[0] for a, b in zip(stats["sfw_init"], stats["sfw"])]
@@ -221,6 +233,9 @@ def write_report(
         if prov
         else "- Provenance: see each run's config.json",
         "- Each run folder holds its config.json, metrics.jsonl, summary.json and sweep*.json.",
+        "- Times are wall seconds of runs that shared their cores with other jobs (grid workers "
+        "run in parallel, one torch thread each); read them as rough ratios, not benchmarks "
+        "(benchmarks/ holds the controlled step timings).",
         "",
     ]
     return _io.atomic_write_text(results_path, "\n".join(parts) + "\n")
