@@ -11,7 +11,6 @@ import torch
 from sfwprune import KSparsePolytope, KSupportNormBall, LpBall
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """These tests compare exact optima: float64, restored afterwards (no global leak)."""
