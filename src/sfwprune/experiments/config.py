@@ -27,21 +27,21 @@ class TrainConfig:
 
     dataset: str = "fashion-mnist"
     model: str = "lenet300"
-    optimizer: str = "sfw"
+    # optimizer fields: OptimizerSpec owns their defaults (REFERENCE §3)
+    optimizer: str = OptimizerSpec.name
     epochs: int = 10
     batch_size: int = 128
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
+    lr: float | None = OptimizerSpec.lr
+    momentum: float = OptimizerSpec.momentum
+    weight_decay: float | None = OptimizerSpec.weight_decay
     schedule: str = "step"
-    # SFW's sets (REFERENCE §3)
-    constraint: str = "k_sparse"
-    k_frac: float = 0.05
-    k_min: int = 10
-    value: float = 15.0
-    mode: str = "initialization"
-    rescale: str | None = "gradient"
-    constrain: str = "all"
+    constraint: str = OptimizerSpec.constraint
+    k_frac: float = OptimizerSpec.k_frac
+    k_min: int = OptimizerSpec.k_min
+    value: float = OptimizerSpec.value
+    mode: str = OptimizerSpec.mode
+    rescale: str | None = OptimizerSpec.rescale
+    constrain: str = OptimizerSpec.constrain
     sfw_init: bool = False
     sfw_init_iters: int | None = None
     # data and runtime
