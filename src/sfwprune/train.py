@@ -19,6 +19,7 @@ from torch import nn
 
 from .constraints import constraint_groups
 from .optim import SFW
+from .optim.finite import finite_flags
 
 Tensor = torch.Tensor
 OPTIMIZERS = ("sfw", "sgd")
@@ -164,11 +165,7 @@ def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
 def _check_finite(loss: Tensor, model: nn.Module, epoch: int, step: int) -> None:
     """Raise before the optimizer step if the loss or any gradient is NaN/inf (one host sync)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norms = torch._foreach_norm(grads, float("inf")) if grads else []  # no overflow
-    ok = torch.isfinite(loss.detach())
-    if norms:
-        ok = ok & torch.stack([torch.isfinite(n) for n in norms]).all()
-    if not bool(ok):
+    if not (bool(torch.isfinite(loss.detach())) and bool(finite_flags(grads).all())):
         value = float(loss.detach())
         what = f"loss ({value})" if not math.isfinite(value) else f"gradient (loss {value})"
         raise NonFiniteLossError(

@@ -10,6 +10,7 @@ import torch
 from ..constraints import constraint_from_group
 from ..constraints.groups import check_kind
 from .fast import FastStepCache, sfw_step_fast
+from .finite import finite_flags
 from .reference import sfw_group_step_reference
 
 RESCALES = ("gradient", "diameter", None)
@@ -134,9 +135,7 @@ class SFW(torch.optim.Optimizer):
                     names.append(group.get("name", str(index)))
         if not grads:
             return
-        # max |g| (inf-norm): finite exactly when every entry is, and it cannot overflow
-        norms = torch._foreach_norm(grads, float("inf"))
-        finite = torch.stack([torch.isfinite(n) for n in norms])
+        finite = finite_flags(grads)
         if not bool(finite.all()):
             bad = names[int(torch.nonzero(~finite)[0])]
             raise ValueError(
