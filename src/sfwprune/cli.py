@@ -208,7 +208,8 @@ _DTYPES = {"float32", "float16", "bfloat16"}
 def _cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
-    from .experiments.runner import load_trained, test_loader, train_loader
+    from .experiments.runner import load_trained, test_loader
+    from .experiments.sweep import SweepConfig, calibration_batches
     from .prune import format_report, prune_, recalibrate_bn, save_pruned, sparsity_report
     from .train import evaluate
 
@@ -222,9 +223,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     prune_(model, args.sparsity, scope=args.scope, include=args.include)
     if args.bn_recalibrate:
-        loader = train_loader(cfg, data, device, seed=cfg.seed + 1)
-        loader.augment = False
-        recalibrate_bn(model, [b for _, b in zip(range(20), loader)])
+        recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
     test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
     save_pruned(model, args.out, dtype=getattr(torch, args.dtype))
     print(format_report(sparsity_report(model, input_shape=data.input_shape)))

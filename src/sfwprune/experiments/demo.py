@@ -63,8 +63,10 @@ def run_demo(
         else:
             log(f"[{name}] training LeNet-300-100 on Fashion-MNIST for {epochs} epochs")
             train_run(cfg, run_dir, resume=True, quiet=quiet, log=log)
-        sweeps[name] = sweep_run(run_dir, SweepConfig(sparsities=DEFAULT_SPARSITIES))["rows"]
-        models.append((name.upper(), load_trained(run_dir)[1]))
+        loaded = load_trained(run_dir)  # one load serves the sweep and the histogram
+        sweep = SweepConfig(sparsities=DEFAULT_SPARSITIES)
+        sweeps[name] = sweep_run(run_dir, sweep, loaded=loaded)["rows"]
+        models.append((name.upper(), loaded[1]))
     table = side_by_side(sweeps)
     log("\nTest accuracy after global magnitude pruning, no retraining:\n" + table)
     figure = plot_accuracy_vs_sparsity(

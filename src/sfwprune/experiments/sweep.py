@@ -50,14 +50,19 @@ class SweepConfig:
         return self
 
 
+def calibration_batches(cfg, data, device, count: int) -> list:
+    """``count`` training batches without augmentation, for BatchNorm recalibration."""
+    loader = train_loader(cfg, data, device, seed=cfg.seed + 1)
+    loader.augment = False
+    return [b for _, b in zip(range(count), loader)]
+
+
 def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, Any]]:
     """Rows of :func:`sfwprune.prune.sparsity_sweep` for ``model`` on ``data``'s test split."""
     evaluator = test_loader(cfg, data, device)
-    bn_batches = None
-    if sweep.bn_recalibrate:
-        loader = train_loader(cfg, data, device, seed=cfg.seed + 1)
-        loader.augment = False
-        bn_batches = [b for _, b in zip(range(sweep.bn_batches), loader)]
+    bn_batches = (
+        calibration_batches(cfg, data, device, sweep.bn_batches) if sweep.bn_recalibrate else None
+    )
     generator = torch.Generator().manual_seed(sweep.seed)
     return sparsity_sweep(
         model, lambda m: evaluate(m, evaluator, precision=cfg.precision), list(sweep.sparsities),
@@ -70,11 +75,15 @@ def sweep_file_name(tag: str | None) -> str:
     return "sweep" if not tag else f"sweep-{tag}"
 
 
-def sweep_run(run_dir: str | Path, sweep: SweepConfig, *, tag: str | None = None) -> dict[str, Any]:
-    """Sweep the run in ``run_dir``; write ``sweep[-TAG].json`` and ``.csv``; return the JSON."""
+def sweep_run(
+    run_dir: str | Path, sweep: SweepConfig, *, tag: str | None = None, loaded: tuple | None = None
+) -> dict[str, Any]:
+    """Sweep the run in ``run_dir``; write ``sweep[-TAG].json`` and ``.csv``; return the JSON.
+
+    ``loaded`` is ``load_trained(run_dir)``'s result when the caller has it already."""
     sweep.validate()
     start = time.perf_counter()
-    cfg, model, data = load_trained(run_dir)
+    cfg, model, data = loaded if loaded is not None else load_trained(run_dir)
     device = next(model.parameters()).device
     rows = sweep_model(model, cfg, data, device, sweep)
     result = {
