@@ -1,4 +1,4 @@
-"""The fast SFW step (NumPy and torch kernels) against the reference loop, and the top-K."""
+"""The fast SFW step (compiled, NumPy and torch kernels) against the reference loop; top-K."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sfwprune import SFW, make_constraint
-from sfwprune.optim import fast
+from sfwprune.optim import cpu_kernel, fast
 from sfwprune.optim.topk import SMALL, TopKTracker, select_top_k, topk_abs_indices
 
 
@@ -87,11 +87,22 @@ def _data(dtype: torch.dtype, seed: int = 1) -> list[tuple[torch.Tensor, torch.T
              torch.randint(0, 5, (16,), generator=gen)) for _ in range(3)]  # fmt: skip
 
 
-def _train(dtype: torch.dtype, foreach: bool, use_numpy: bool = True, steps: int = 12,
+# Which fast kernel CPU tensors take: the compiled one (numba), NumPy's, or torch's (as on GPU).
+PATHS = ["kernel", "numpy", "torch"]
+
+
+def _use_path(opt: SFW, path: str) -> None:
+    if path == "kernel" and not cpu_kernel.AVAILABLE:
+        pytest.skip("numba is not installed (pip install sfwprune[fast])")
+    opt._fast_cache.use_numpy = path != "torch"
+    opt._fast_cache.use_kernel = path == "kernel"
+
+
+def _train(dtype: torch.dtype, foreach: bool, path: str = "kernel", steps: int = 12,
            diagnostics: bool = False) -> tuple[nn.Module, SFW, list]:  # fmt: skip
     model, groups = _build(dtype)
     opt = SFW(groups, lr=0.8, momentum=0.9, foreach=foreach, diagnostics=diagnostics)
-    opt._fast_cache.use_numpy = use_numpy
+    _use_path(opt, path)
     rows = []
     for step in range(steps):
         x, y = _data(dtype)[step % 3]
@@ -113,28 +124,28 @@ def _assert_same(a: tuple, b: tuple, rtol: float, atol: float) -> None:
                                   atol=atol), name  # fmt: skip
 
 
-@pytest.mark.parametrize("use_numpy", [True, False])
-def test_fast_equals_reference_float64(use_numpy: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_fast_equals_reference_float64(path: str) -> None:
     ref = _train(torch.float64, foreach=False)
-    out = _train(torch.float64, foreach=True, use_numpy=use_numpy)
+    out = _train(torch.float64, foreach=True, path=path)
     _assert_same(ref, out, rtol=1e-9, atol=1e-12)
     # the unused parameter never moved and has no state
     assert torch.equal(out[0].unused, _build(torch.float64)[0].unused)
     assert out[0].unused not in out[1].state
 
 
-@pytest.mark.parametrize("use_numpy", [True, False])
-def test_fast_equals_reference_float32(use_numpy: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_fast_equals_reference_float32(path: str) -> None:
     # Fewer steps: float32 rounding differences grow ~3x per step in this small, fast-moving net.
     ref = _train(torch.float32, foreach=False, steps=6)
-    out = _train(torch.float32, foreach=None, use_numpy=use_numpy, steps=6)
+    out = _train(torch.float32, foreach=None, path=path, steps=6)
     _assert_same(ref, out, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_numpy", [True, False])
-def test_diagnostics_match_reference(use_numpy: bool) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_diagnostics_match_reference(path: str) -> None:
     _, _, ref = _train(torch.float64, foreach=False, steps=4, diagnostics=True)
-    _, _, out = _train(torch.float64, foreach=True, use_numpy=use_numpy, steps=4,
+    _, _, out = _train(torch.float64, foreach=True, path=path, steps=4,
                        diagnostics=True)  # fmt: skip
     for rows_ref, rows_out in zip(ref, out):
         assert [r["name"] for r in rows_ref] == [r["name"] for r in rows_out]
@@ -212,9 +223,9 @@ def test_invalid_foreach() -> None:
 # ---- ties: the vertex must be an LMO minimizer, whichever tied coordinates it keeps ----------
 
 
-@pytest.mark.parametrize("use_numpy", [True, False])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("n", [40, SMALL + 4000])
-def test_ties_give_a_valid_vertex(use_numpy: bool, n: int) -> None:
+def test_ties_give_a_valid_vertex(path: str, n: int) -> None:
     k, radius, eta = n // 10, 0.5, 0.25
     gen = torch.Generator().manual_seed(n)
     # magnitudes in {1, 2, 3}: many ties at the K-th value; random signs
@@ -224,7 +235,7 @@ def test_ties_give_a_valid_vertex(use_numpy: bool, n: int) -> None:
     param = nn.Parameter(theta0.clone())
     group = {"params": [param], **make_constraint("k_sparse", n, k=k, radius=radius).to_group()}
     opt = SFW([group], lr=eta, momentum=0.0, rescale=None)
-    opt._fast_cache.use_numpy = use_numpy
+    _use_path(opt, path)
     param.grad = grad
     opt.step()
     v = (param.detach() - (1 - eta) * theta0) / eta  # θ1 = (1-η)θ0 + ηv

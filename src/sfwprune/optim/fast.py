@@ -11,8 +11,10 @@ Same math as :mod:`sfwprune.optim.reference` (``m ← ρm + (1-ρ)g``, ``v = lmo
       θ ← (1-η) θ   off S;     θ_S ← θ_S + η (v_S - θ_S)   on S
 
   so a step is a few dense passes (two compares, two dot products, one scaling) plus O(K).
-- CPU float tensors run that through NumPy views of the same memory (small per-call cost,
-  fast compare and compaction). The top-K threshold is predicted from the last step
+- CPU float tensors of K-sparse sets (and L1 balls) take the compiled kernel of
+  :mod:`.cpu_kernel` when ``numba`` imports: momentum, threshold and update in four fused
+  passes, no index list. Without it (or for K-support sets), NumPy views of the same memory
+  (small per-call cost, fast compare and compaction). The top-K threshold is predicted from the last step
   (:class:`.topk.TopKTracker`), so one compare leaves ~1.02·K candidates. Tensors of at most
   ``topk.SMALL`` elements take the reference arithmetic (dense vertex) in a dozen NumPy calls.
 - Other tensors (CUDA, half precision) use ``torch.topk``, keep every ``η`` on the device as a
@@ -31,6 +33,8 @@ import torch
 
 from ..constraints import constraint_from_group
 from ..constraints.lp_ball import lp_ball_lmo
+from . import cpu_kernel
+from .finite import NonFiniteGradientError, finite_flags
 from .reference import step_size
 from .topk import SMALL, TopKTracker
 
@@ -83,6 +87,9 @@ class FastStepCache:
         self.trackers: dict[int, TopKTracker] = {}
         self.vectors: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         self.use_numpy = True
+        self.use_kernel = cpu_kernel.AVAILABLE
+        self.kernel_states: dict[int, cpu_kernel.SignKernelState] = {}
+        self.fused: tuple[tuple, list[_Fused], list[int]] | None = None
         self._scratch: dict[np.dtype, np.ndarray] = {}
 
     def spec(self, group: dict[str, Any], n: int) -> _Spec:
@@ -294,6 +301,131 @@ def _sparse_torch(
             rows[i]["step_size"] = etas[j].clone()
 
 
+def _split_fused(items: list[tuple], cache: FastStepCache) -> tuple[list[_Fused], list[int]]:
+    """``(fused, rest)``: tensors the compiled kernel steps, and the indices of the others.
+
+    Fused: CPU float32/float64, contiguous, a K-sparse (or L1) set. Cached while the tensors,
+    their storage and their sets are unchanged.
+    """
+    # A new storage (p.data = ...) changes data_ptr; so do dtype, size and layout changes.
+    key = (cache.use_numpy, cache.use_kernel, len(items)) + tuple(
+        x
+        for _, g, p in items
+        for x in (id(p), p.data_ptr(), g.get("constraint"), g.get("k"), g.get("p"), g.get("radius"))
+    )
+    if cache.fused is not None and cache.fused[0] == key:
+        return cache.fused[1], cache.fused[2]
+    fused, rest = [], []
+    for i, (_, group, p) in enumerate(items):
+        spec = cache.spec(group, p.numel())
+        ok = (
+            cache.use_numpy
+            and cache.use_kernel
+            and spec.op == "sign"
+            and p.device.type == "cpu"
+            and p.dtype in _NUMPY_DTYPES
+            and p.is_contiguous()
+        )
+        if not ok:
+            rest.append(i)
+            continue
+        dtype = np.dtype(str(p.dtype).removeprefix("torch."))
+        kst = cache.kernel_states.get(id(p))
+        if kst is None or kst.band.size != p.numel() or kst.band.dtype != dtype:
+            kst = cache.kernel_states[id(p)] = cpu_kernel.SignKernelState(p.numel(), dtype)
+        fused.append(_Fused(i, p, spec, kst))
+    cache.fused = (key, fused, rest)
+    return fused, rest
+
+
+class _Fused:
+    """One tensor the compiled kernel steps, with its spare momentum buffer.
+
+    Phase 1 writes the new momentum into ``spare``; phase 2 swaps it into the state.
+    """
+
+    __slots__ = ("i", "p", "theta", "spec", "kst", "spare", "views")
+
+    def __init__(self, i: int, p: Tensor, spec: _Spec, kst: cpu_kernel.SignKernelState):
+        self.i, self.p, self.spec, self.kst = i, p, spec, kst
+        self.theta = p.detach().view(-1).numpy()
+        self.spare: Tensor | None = None
+        self.views: dict[int, np.ndarray] = {}  # NumPy views of the (two) momentum buffers
+
+    def view(self, buf: Tensor) -> np.ndarray:
+        ptr = buf.data_ptr()
+        found = self.views.get(ptr)
+        if found is None:
+            if len(self.views) > 4:
+                self.views.clear()
+            found = self.views[ptr] = buf.detach().view(-1).numpy()
+        return found
+
+
+def _fused_momentum(f: _Fused, group: dict, st: dict) -> tuple[Tensor, float, bool]:
+    """Phase 1: the new momentum into ``f.spare``, state untouched; ``(m', ||m'||², ok)``.
+
+    ``ok``: the gradient is finite.
+    """
+    p = f.p
+    g = p.grad
+    if g.requires_grad:
+        g = g.detach()
+    rho = group["momentum"]
+    buf = st.get("momentum_buffer")
+    if buf is not None and not buf.is_contiguous():
+        buf = st["momentum_buffer"] = buf.contiguous()
+    out = f.spare
+    if out is None or out is buf:
+        out = f.spare = torch.empty_like(p, memory_format=torch.contiguous_format)
+    out_np = f.view(out)
+    if g.is_contiguous() and g.dtype == p.dtype:
+        g_np = g.view(-1).numpy()
+        if buf is None:
+            mm, ok = cpu_kernel.momentum(out_np, None, g_np, cpu_kernel.MODE_FIRST, rho)
+        else:
+            mm, ok = cpu_kernel.momentum(out_np, f.view(buf), g_np, cpu_kernel.MODE_LERP, rho)
+        return out, mm, ok
+    # unusual gradient layout: torch computes m', the kernel reads it
+    if buf is None:
+        out.copy_(g)
+    else:
+        torch.lerp(buf, g.to(buf.dtype), 1.0 - rho, out=out)
+    mm, _ = cpu_kernel.momentum(out_np, None, None, cpu_kernel.MODE_READY, rho)
+    return out, mm, bool(torch.isfinite(g).all())
+
+
+def _fused_finish(
+    f: _Fused, m_new: Tensor, mm: float, group: dict, st: dict, cache: FastStepCache,
+    want_gap: bool,
+) -> tuple[float, float | None]:  # fmt: skip
+    """Phase 2: ``m'`` becomes the state's momentum, then the SFW step of ``f.p``."""
+    f.spare = st.get("momentum_buffer")
+    st["momentum_buffer"] = m_new
+    m = f.view(m_new)
+    spec, theta = f.spec, f.theta
+    scratch = cache.scratch(m.size, m.dtype)
+    if m.size <= cpu_kernel.SMALL:
+        rescale, lr = group["rescale"], float(group["lr"])
+        out = cpu_kernel.small_finish(
+            theta, m, spec.k, spec.radius, rescale == "gradient", lr,
+            _fixed_eta(rescale, lr, spec.l2_diameter), scratch,
+        )  # fmt: skip
+    else:
+        out = cpu_kernel.finish(
+            theta, m, mm, spec.k, spec.radius, lambda a, b: _eta(group, spec, a, b), f.kst,
+            scratch,
+        )  # fmt: skip
+    if out is not None:
+        return out[0], (out[1] if want_gap else None)
+    # ||m|| not finite (NaN/inf gradients with check_finite=False): θ is untouched; the NumPy
+    # kernels order NaN as torch.topk does.
+    if m.size <= SMALL:
+        return _small_numpy(theta, m, spec, group, want_gap)
+    tracker = cache.trackers.setdefault(id(f.p), TopKTracker())
+    return _sparse_numpy(theta, m, spec, group, tracker, scratch, want_gap)
+
+
 class _Plan:
     """How each stepped tensor is handled; valid while tensors, storage and sets are unchanged."""
 
@@ -350,16 +482,24 @@ class _Plan:
 
 
 @torch.no_grad()
+def _group_name(item: tuple) -> str:
+    gi, group, _ = item
+    return group.get("name", str(gi))
+
+
 def sfw_step_fast(
     param_groups: list[dict[str, Any]],
     state: dict[Tensor, dict[str, Any]],
     diagnostics: list | None,
     cache: FastStepCache,
+    check_finite: bool = False,
 ) -> None:
     """One SFW step for every parameter with a gradient, in all groups at once.
 
     Same results as :func:`.reference.sfw_group_step_reference` on each group, up to rounding;
     ``diagnostics`` (when a list) gets the same rows in the same order, with ``name``.
+    ``check_finite``: raise :class:`.finite.NonFiniteGradientError`, with nothing changed, if
+    a gradient holds NaN or inf.
     """
     items = [
         (gi, group, p)
@@ -369,19 +509,45 @@ def sfw_step_fast(
     ]
     if not items:
         return
-    ms = _momentum_(items, state)
-    key = (
-        cache.use_numpy,
-        tuple(
-            (id(p), p.data_ptr(), m.data_ptr(), p.numel(), p.dtype, _spec_key(g, p.numel()))
-            for (_, g, p), m in zip(items, ms)
-        ),
-    )
-    if cache.plan is None or cache.plan_key != key:
-        cache.plan, cache.plan_key = _Plan(items, ms, cache), key
     rows: list | None = [None] * len(items) if diagnostics is not None else None
-    cache.plan.run(items, ms, cache, rows)
+    fused, rest = _split_fused(items, cache)
+    if check_finite and rest:
+        grads = [items[i][2].grad for i in rest]
+        finite = finite_flags(grads)
+        if not bool(finite.all()):
+            raise NonFiniteGradientError(_group_name(items[rest[int(torch.nonzero(~finite)[0])]]))
+    new_momentum = []
+    for f in fused:  # phase 1: nothing in the state changes
+        _, group, p = items[f.i]
+        m_new, mm, ok = _fused_momentum(f, group, state[p])
+        if check_finite and not ok:
+            raise NonFiniteGradientError(_group_name(items[f.i]))
+        new_momentum.append((m_new, mm))
+    for f, (m_new, mm) in zip(fused, new_momentum):
+        _, group, p = items[f.i]
+        eta, gap = _fused_finish(f, m_new, mm, group, state[p], cache, rows is not None)
+        if rows is not None:
+            rows[f.i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
+    if fused and _increment_version is not None:  # NumPy wrote the params: tell autograd
+        _increment_version([f.p for f in fused])
+    if rest:
+        sub = items if len(rest) == len(items) else [items[i] for i in rest]
+        ms = _momentum_(sub, state)
+        key = (
+            cache.use_numpy,
+            tuple(
+                (id(p), p.data_ptr(), m.data_ptr(), p.numel(), p.dtype, _spec_key(g, p.numel()))
+                for (_, g, p), m in zip(sub, ms)
+            ),
+        )
+        if cache.plan is None or cache.plan_key != key:
+            cache.plan, cache.plan_key = _Plan(sub, ms, cache), key
+        sub_rows: list | None = [None] * len(sub) if rows is not None else None
+        cache.plan.run(sub, ms, cache, sub_rows)
+        if rows is not None and sub_rows is not None:
+            for j, i in enumerate(rest):
+                rows[i] = sub_rows[j]
     if diagnostics is not None and rows is not None:
-        for (gi, group, _), row in zip(items, rows):
-            row["name"] = group.get("name", str(gi))
+        for item, row in zip(items, rows):
+            row["name"] = _group_name(item)
             diagnostics.append(row)

@@ -10,7 +10,7 @@ import torch
 from ..constraints import constraint_from_group
 from ..constraints.groups import check_kind
 from .fast import FastStepCache, sfw_step_fast
-from .finite import finite_flags
+from .finite import NonFiniteGradientError, finite_flags
 from .reference import sfw_group_step_reference
 
 RESCALES = ("gradient", "diameter", None)
@@ -137,11 +137,7 @@ class SFW(torch.optim.Optimizer):
             return
         finite = finite_flags(grads)
         if not bool(finite.all()):
-            bad = names[int(torch.nonzero(~finite)[0])]
-            raise ValueError(
-                f"Invalid gradient: non-finite values in param group {bad!r} (the SFW step was "
-                "refused; weights and momentum are unchanged)"
-            )
+            raise NonFiniteGradientError(names[int(torch.nonzero(~finite)[0])])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -150,17 +146,18 @@ class SFW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.check_finite:
-            self._refuse_non_finite_gradients()
         diagnostics: list[dict[str, Any]] | None = [] if self.track_diagnostics else None
         if getattr(self, "foreach", None) is not False:
             cache = getattr(self, "_fast_cache", None)
             if cache is None:  # e.g. an optimizer restored by pickle
                 cache = self._fast_cache = FastStepCache()
-            sfw_step_fast(self.param_groups, self.state, diagnostics, cache)
+            # checks every gradient before it changes anything
+            sfw_step_fast(self.param_groups, self.state, diagnostics, cache, self.check_finite)
             if diagnostics is not None:
                 self.diagnostics = diagnostics
             return loss
+        if self.check_finite:
+            self._refuse_non_finite_gradients()
         for index, group in enumerate(self.param_groups):
             start = len(diagnostics) if diagnostics is not None else 0
             sfw_group_step_reference(group, self.state, diagnostics)

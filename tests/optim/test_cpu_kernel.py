@@ -1,0 +1,180 @@
+"""The compiled K-sparse step (optim.cpu_kernel) against a plain dense NumPy step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sfwprune import SFW, make_constraint
+from sfwprune.optim import cpu_kernel as ck
+from sfwprune.optim.finite import finite_flags
+
+pytestmark = pytest.mark.skipif(not ck.AVAILABLE, reason="numba is not installed")
+
+
+def _reference(theta, m, g, first, rho, k, radius, lr):
+    """Dense SFW step: stable argsort (ties keep the lowest indices), vertex, η, update."""
+    m[:] = g if first else rho * m + (1 - rho) * g
+    idx = np.argsort(-np.abs(m), kind="stable")[:k]
+    v = np.zeros_like(m)
+    v[idx] = -radius * np.sign(m[idx])
+    d = (v - theta).astype(np.float64)
+    d2 = float(d @ d)
+    mm = float(m.astype(np.float64) @ m)
+    eta = min(max(lr * math.sqrt(mm / d2), 0.0), 1.0) if d2 > 0 else 0.0
+    gap = -float(m.astype(np.float64) @ d)
+    theta += (eta * d).astype(theta.dtype)
+    return eta, gap
+
+
+def _eta_of(lr):
+    return lambda mm, d2: min(max(lr * math.sqrt(mm / d2), 0.0), 1.0) if d2 > 0 else 0.0
+
+
+def _kernel(theta, m, g, first, rho, k, radius, lr, st, scratch):
+    out = np.empty_like(m)
+    mm, ok = ck.momentum(out, None if first else m, g, ck.MODE_FIRST if first else ck.MODE_LERP, rho)
+    assert ok
+    m[:] = out
+    if m.size <= ck.SMALL:
+        return ck.small_finish(theta, m, k, radius, True, lr, 0.0, scratch)
+    return ck.finish(theta, m, mm, k, radius, _eta_of(lr), st, scratch)
+
+
+def _run(n, k, dtype, steps, grad, rtol):
+    rng = np.random.default_rng(n + k)
+    theta = (rng.standard_normal(n) * 0.01).astype(dtype)
+    theta_ref, m, m_ref = theta.copy(), np.zeros(n, dtype), np.zeros(n, dtype)
+    st, scratch = ck.SignKernelState(n, np.dtype(dtype)), np.empty(n, dtype)
+    for step in range(steps):
+        g = grad(rng, step).astype(dtype)
+        got = _kernel(theta, m, g, step == 0, 0.9, k, 0.7, 0.5, st, scratch)
+        want = _reference(theta_ref, m_ref, g, step == 0, 0.9, k, 0.7, 0.5)
+        assert got is not None
+        assert got[0] == pytest.approx(want[0], rel=rtol, abs=1e-12), step
+        assert got[1] == pytest.approx(want[1], rel=rtol, abs=1e-9), step
+        np.testing.assert_allclose(theta, theta_ref, rtol=rtol, atol=rtol * 1e-2)
+    return st
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
+@pytest.mark.parametrize("n,k", [(40000, 2000), (40000, 1), (40000, 40000), (300, 15), (7, 7)])
+def test_kernel_matches_dense_reference(n, k, dtype, rtol) -> None:
+    drift = lambda rng, step: rng.standard_normal(n) * (1 + 0.05 * step)  # noqa: E731
+    st = _run(n, k, dtype, 12, drift, rtol)
+    if n > ck.SMALL and 4 * k <= n:
+        assert st.full == 1  # only the first step partitions everything; then the band holds
+
+
+def test_band_misses_retry_and_stay_exact() -> None:
+    n, k = 50000, 2500
+    # the gradient's scale jumps, so t moves far from ||m||'s prediction in both directions
+    scales = [1, 1, 1, 40, 40, 0.01, 0.01, 1, 5, 0.2, 1, 1]
+    st = _run(n, k, np.float64, len(scales),
+              lambda rng, step: rng.standard_normal(n) ** 3 * scales[step], 1e-10)  # fmt: skip
+    assert st.retries > 0
+
+
+def test_ties_at_the_threshold_keep_the_lowest_indices() -> None:
+    n, k = 30000, 1000
+    # magnitudes in {1, 2, 3}: the K-th value is tied many times over, every step
+    grad = lambda rng, step: rng.integers(1, 4, n) * rng.choice([-1.0, 1.0], n)  # noqa: E731
+    _run(n, k, np.float64, 4, grad, 1e-10)
+    _run(300, 20, np.float64, 4, lambda rng, step: rng.integers(1, 4, 300) * 1.0, 1e-10)
+
+
+def test_mostly_zero_momentum_k_above_the_nonzeros() -> None:
+    n, k = 40000, 4000
+
+    def grad(rng, step):
+        g = np.zeros(n)
+        g[rng.choice(n, 500, replace=False)] = rng.standard_normal(500)
+        return g
+
+    _run(n, k, np.float64, 5, grad, 1e-10)
+
+
+def test_non_finite_gradients_are_flagged_and_never_stepped() -> None:
+    n = 40000
+    m, out = np.ones(n), np.empty(n)
+    for bad in (np.nan, np.inf, -np.inf):
+        g = np.ones(n)
+        g[123] = bad
+        assert ck.momentum(out, m, g, ck.MODE_LERP, 0.9)[1] is False
+        assert ck.momentum(out, None, g, ck.MODE_FIRST, 0.9)[1] is False
+        assert not ck.all_finite(g)
+    assert ck.momentum(out, m, np.full(n, 1e300), ck.MODE_LERP, 0.9)[1] is True  # huge, finite
+    theta = np.zeros(n)
+    st = ck.SignKernelState(n, np.dtype(np.float64))
+    assert ck.finish(theta, m, math.inf, 10, 1.0, _eta_of(1.0), st, np.empty(n)) is None
+    assert not theta.any()
+    small = np.full(10, np.nan)
+    assert ck.small_finish(np.zeros(10), small, 2, 1.0, True, 1.0, 0.0, np.empty(10)) is None
+
+
+def test_finite_flags_exact_for_huge_values() -> None:
+    big = torch.full((50000,), 3e38)  # float32: the sum of squares overflows, values do not
+    nan = torch.zeros(50000)
+    nan[7] = float("nan")
+    strided = torch.zeros(100, 20).t()  # not contiguous: the torch route
+    strided[3, 4] = float("inf")
+    flags = finite_flags([big, nan, strided, torch.zeros(3, dtype=torch.float64)])
+    assert flags.tolist() == [True, False, False, True]
+
+
+def _sfw_pair(grad_of, steps=5):
+    """(SFW with the kernel, SFW with the reference loop) on one 200x150 K-sparse weight."""
+    out = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        w = nn.Parameter(torch.randn(200, 150, dtype=torch.float64) * 0.01)
+        cset = make_constraint("k_sparse", w.numel(), k=1500, radius=0.3)
+        opt = SFW([{"params": [w], **cset.to_group()}], lr=0.7, foreach=foreach,
+                  diagnostics=True)  # fmt: skip
+        gaps = []
+        for step in range(steps):
+            w.grad = grad_of(step)
+            opt.step()
+            gaps.append(float(opt.diagnostics[0]["fw_gap"]))
+        out.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone(), gaps))
+    return out
+
+
+def test_optimizer_kernel_path_with_non_contiguous_gradients() -> None:
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(150, 200, generator=gen, dtype=torch.float64).t() for _ in range(5)]
+    assert not grads[0].is_contiguous()
+    (w1, m1, g1), (w2, m2, g2) = _sfw_pair(lambda step: grads[step])
+    torch.testing.assert_close(w1, w2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m1, m2, rtol=1e-10, atol=1e-12)
+    assert g1 == pytest.approx(g2, rel=1e-9)
+
+
+def test_refused_step_leaves_weights_and_momentum_unchanged() -> None:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(300, 100))
+    b = nn.Parameter(torch.randn(10))
+    groups = [
+        {"params": [w], **make_constraint("k_sparse", w.numel(), k=600, radius=1.0).to_group(),
+         "name": "w"},
+        {"params": [b], **make_constraint("k_sparse", 10, k=2, radius=1.0).to_group(),
+         "name": "b"},
+    ]  # fmt: skip
+    opt = SFW(groups, lr=1.0)
+    for _ in range(3):
+        w.grad, b.grad = torch.randn(300, 100), torch.randn(10)
+        opt.step()
+    before = (w.detach().clone(), b.detach().clone(),
+              opt.state[w]["momentum_buffer"].clone(), opt.state[b]["momentum_buffer"].clone())  # fmt: skip
+    w.grad = torch.randn(300, 100)
+    b.grad = torch.randn(10)
+    b.grad[4] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values in param group 'b'"):
+        opt.step()
+    after = (w, b, opt.state[w]["momentum_buffer"], opt.state[b]["momentum_buffer"])
+    for x, y in zip(before, after):
+        assert torch.equal(x, y)
