@@ -37,7 +37,9 @@ def _eta_of(lr):
 
 def _kernel(theta, m, g, first, rho, k, radius, lr, st, scratch):
     out = np.empty_like(m)
-    mm, ok = ck.momentum(out, None if first else m, g, ck.MODE_FIRST if first else ck.MODE_LERP, rho)
+    mm, ok = ck.momentum(
+        out, None if first else m, g, ck.MODE_FIRST if first else ck.MODE_LERP, rho
+    )
     assert ok
     m[:] = out
     if m.size <= ck.SMALL:
