@@ -17,8 +17,11 @@ Same math as :mod:`sfwprune.optim.reference` (``m ← ρm + (1-ρ)g``, ``v = lmo
   (small per-call cost, fast compare and compaction). The top-K threshold is predicted from the last step
   (:class:`.topk.TopKTracker`), so one compare leaves ~1.02·K candidates. Tensors of at most
   ``topk.SMALL`` elements take the reference arithmetic (dense vertex) in a dozen NumPy calls.
-- Other tensors (CUDA, half precision) use ``torch.topk``, keep every ``η`` on the device as a
-  0-dim tensor (no host synchronisation) and batch norms and scalings with ``torch._foreach_*``.
+- Other tensors (CUDA, half precision) keep every ``η`` on the device (no host
+  synchronisation). K-sparse ones of one device and dtype take one batched step
+  (:mod:`.flat`: one ``topk`` per group of equal shapes, a fixed number of kernels however many
+  tensors); K-support ones (and any, with diagnostics on) go tensor by tensor with
+  ``torch.topk`` and ``torch._foreach_*`` norms and scalings.
 - Dense L_p vertices (p > 1) are dense by nature: the reference arithmetic, in place.
 """
 
@@ -35,6 +38,7 @@ from ..constraints import constraint_from_group
 from ..constraints.lp_ball import lp_ball_lmo
 from . import cpu_kernel
 from .finite import NonFiniteGradientError, finite_flags
+from .flat import FlatEntry, FlatSignPlan
 from .reference import step_size
 from .topk import SMALL, TopKTracker
 
@@ -88,6 +92,7 @@ class FastStepCache:
         self.vectors: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         self.use_numpy = True
         self.use_kernel = cpu_kernel.AVAILABLE
+        self.use_graphs = True
         self.kernel_states: dict[int, cpu_kernel.SignKernelState] = {}
         self.fused: tuple[tuple, list[_Fused], list[int]] | None = None
         self._scratch: dict[np.dtype, np.ndarray] = {}
@@ -450,8 +455,18 @@ class _Plan:
                 )
                 self.on_cpu.append((i, p, theta.numpy(), m_flat.numpy(), spec, tracker))
             else:
-                key = (theta.device, theta.dtype)
+                key = (theta.device, theta.dtype, spec.op == "sign")
                 self.on_device.setdefault(key, []).append((i, p, theta, m_flat, spec))
+        # K-sparse (and L1) tensors of one device and dtype: one batched step (.flat)
+        self.flat_entries = {
+            key: [FlatEntry(e[2], e[3], e[4].k, e[4].radius) for e in entries]
+            for key, entries in self.on_device.items()
+            if key[2]
+        }
+        self.flat = {
+            key: FlatSignPlan(ents, graphs=cache.use_graphs)
+            for key, ents in self.flat_entries.items()
+        }
 
     def run(self, items: list[tuple], ms: list[Tensor], cache: FastStepCache, rows: list | None):
         want = rows is not None
@@ -465,8 +480,13 @@ class _Plan:
                 _increment_version(p)
             if rows is not None:
                 rows[i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
-        for entries in self.on_device.values():
-            _sparse_torch(entries, [items[e[0]][1] for e in entries], cache, rows)
+        for key, entries in self.on_device.items():
+            groups = [items[e[0]][1] for e in entries]
+            if key in self.flat and rows is None:
+                lr, fixed, use_grad = _hyper_vectors(cache, entries, groups, key[0], key[1])
+                self.flat[key].step(self.flat_entries[key], lr, fixed, use_grad)
+            else:  # K-support sets, or diagnostics (per-tensor FW gaps): tensor by tensor
+                _sparse_torch(entries, groups, cache, rows)
         for i, spec in self.reference:
             row = _reference_update(items[i][2], ms[i], items[i][1], spec, want)
             if rows is not None:
@@ -535,6 +555,7 @@ def sfw_step_fast(
         ms = _momentum_(sub, state)
         key = (
             cache.use_numpy,
+            cache.use_graphs,
             tuple(
                 (id(p), p.data_ptr(), m.data_ptr(), p.numel(), p.dtype, _spec_key(g, p.numel()))
                 for (_, g, p), m in zip(sub, ms)

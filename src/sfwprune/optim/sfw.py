@@ -65,6 +65,9 @@ class SFW(torch.optim.Optimizer):
             (:mod:`sfwprune.optim.fast`: multi-tensor, no dense K-sparse vertex, no host sync
             on GPU), ``False`` the plain per-tensor reference loop. Both give the same results
             up to rounding.
+        cuda_graph: on CUDA, capture the fast path's batched K-sparse step once as a CUDA
+            graph and replay it (one launch instead of hundreds; default True). Falls back to
+            plain launches if capture fails.
 
     Example:
         >>> opt = SFW(constraint_groups(model), lr=1.0, momentum=0.9)
@@ -81,11 +84,13 @@ class SFW(torch.optim.Optimizer):
         diagnostics: bool = False,
         foreach: bool | None = None,
         check_finite: bool = True,
+        cuda_graph: bool = True,
     ):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
         self.foreach = foreach
         self._fast_cache = FastStepCache()
+        self._fast_cache.use_graphs = bool(cuda_graph)
         defaults = {
             "lr": _check_lr(lr),
             "momentum": _check_momentum(momentum),
@@ -122,6 +127,7 @@ class SFW(torch.optim.Optimizer):
         state.update(
             foreach=self.foreach, track_diagnostics=self.track_diagnostics,
             check_finite=self.check_finite, diagnostics=[],
+            cuda_graph=self._fast_cache.use_graphs,
         )  # fmt: skip
         return state
 
@@ -151,6 +157,7 @@ class SFW(torch.optim.Optimizer):
             cache = getattr(self, "_fast_cache", None)
             if cache is None:  # e.g. an optimizer restored by pickle
                 cache = self._fast_cache = FastStepCache()
+                cache.use_graphs = getattr(self, "cuda_graph", True)
             # checks every gradient before it changes anything
             sfw_step_fast(self.param_groups, self.state, diagnostics, cache, self.check_finite)
             if diagnostics is not None:
