@@ -130,7 +130,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_model(name: str, device: torch.device, repeats: int, warmup: int) -> dict:
+def time_model(
+    name: str, device: torch.device, repeats: int, warmup: int, cpu_kernel: bool = True
+) -> dict:
     shape, batch = MODELS[name]
     torch.manual_seed(0)
     base = build(name, shape).to(device)
@@ -142,7 +144,9 @@ def time_model(name: str, device: torch.device, repeats: int, warmup: int) -> di
     model = copy.deepcopy(base)
     runs["sgd"] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     model = copy.deepcopy(base)
-    runs["sfw"] = (model, sfwprune.SFW(sfwprune.constraint_groups(model), lr=1.0, momentum=0.9))
+    sfw = sfwprune.SFW(sfwprune.constraint_groups(model), lr=1.0, momentum=0.9)
+    sfw._fast_cache.use_kernel = sfw._fast_cache.use_kernel and cpu_kernel
+    runs["sfw"] = (model, sfw)
     model = copy.deepcopy(base)
     runs["naive_sfw"] = (model, NaiveSFW(sfwprune.constraint_groups(model)))
     loss_fn = nn.CrossEntropyLoss()
@@ -278,6 +282,14 @@ def time_topk(sizes: list[int], k_frac: float = 0.05, repeats: int = 30) -> dict
     return out
 
 
+def _kernel_available() -> bool:
+    try:
+        from sfwprune.optim import cpu_kernel
+    except ImportError:
+        return False
+    return cpu_kernel.AVAILABLE
+
+
 def _provenance(device: torch.device) -> dict:
     try:
         from sfwprune.experiments.provenance import provenance
@@ -303,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep-eval-batches", type=int, default=1, help="0 skips the sweep")
     ap.add_argument("--topk-sizes", default="235200,2359296",
                     help="tensor sizes for the CPU top-K comparison ('' skips it)")  # fmt: skip
+    ap.add_argument("--no-cpu-kernel", action="store_true",
+                    help="CPU: step with the NumPy kernels even where numba is installed")  # fmt: skip
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -319,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "load_average_at_start": list(os.getloadavg()),
+        # which CPU kernel the SFW step used: numba's compiled one, or NumPy's
+        "cpu_kernel": "numpy" if args.no_cpu_kernel or not _kernel_available() else "numba",
         "models": {},
     }
     for name in args.models.split(","):
@@ -326,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "resnet18":
             default = 20 if device.type == "cpu" else args.repeats
             reps = args.resnet_repeats if args.resnet_repeats is not None else default
-        result["models"][name] = {"repeats": reps, **time_model(name, device, reps, args.warmup)}
+        timed = time_model(name, device, reps, args.warmup, not args.no_cpu_kernel)
+        result["models"][name] = {"repeats": reps, **timed}
     if args.sweep_eval_batches > 0 and "resnet18" in args.models.split(","):
         result["sweep_resnet18"] = time_sweep(device, args.sweep_eval_batches)
     if args.topk_sizes and device.type == "cpu":
