@@ -161,7 +161,9 @@ class FlatSignPlan:
         graph = torch.cuda.CUDAGraph()
         try:
             torch.cuda.current_stream().synchronize()
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (e.g. a DataLoader's pin-memory thread) may keep
+            # calling CUDA while this one captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 eta = self._step(entries, *io)
         except Exception as err:  # pragma: no cover - depends on the CUDA build
             self.graphs = False
