@@ -235,7 +235,7 @@ def write_report(
         "- Each run folder holds its config.json, metrics.jsonl, summary.json and sweep*.json.",
         "- Times are wall seconds of runs that shared their cores with other jobs (grid workers "
         "run in parallel, one torch thread each); read them as rough ratios, not benchmarks "
-        "(benchmarks/ holds the controlled step timings).",
+        "([docs/benchmarks.md](docs/benchmarks.md) holds the controlled step timings).",
         "",
     ]
     return _io.atomic_write_text(results_path, "\n".join(parts) + "\n")
