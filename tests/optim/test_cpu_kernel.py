@@ -31,10 +31,6 @@ def _reference(theta, m, g, first, rho, k, radius, lr):
     return eta, gap
 
 
-def _eta_of(lr):
-    return lambda mm, d2: min(max(lr * math.sqrt(mm / d2), 0.0), 1.0) if d2 > 0 else 0.0
-
-
 def _kernel(theta, m, g, first, rho, k, radius, lr, st, scratch):
     out = np.empty_like(m)
     mm, ok = ck.momentum(
@@ -44,7 +40,7 @@ def _kernel(theta, m, g, first, rho, k, radius, lr, st, scratch):
     m[:] = out
     if m.size <= ck.SMALL:
         return ck.small_finish(theta, m, k, radius, True, lr, 0.0, scratch)
-    return ck.finish(theta, m, mm, k, radius, _eta_of(lr), st, scratch)
+    return ck.finish(theta, m, mm, k, radius, True, lr, 0.0, st, scratch)
 
 
 def _run(n, k, dtype, steps, grad, rtol):
@@ -112,7 +108,7 @@ def test_non_finite_gradients_are_flagged_and_never_stepped() -> None:
     assert ck.momentum(out, m, np.full(n, 1e300), ck.MODE_LERP, 0.9)[1] is True  # huge, finite
     theta = np.zeros(n)
     st = ck.SignKernelState(n, np.dtype(np.float64))
-    assert ck.finish(theta, m, math.inf, 10, 1.0, _eta_of(1.0), st, np.empty(n)) is None
+    assert ck.finish(theta, m, math.inf, 10, 1.0, True, 1.0, 0.0, st, np.empty(n)) is None
     assert not theta.any()
     small = np.full(10, np.nan)
     assert ck.small_finish(np.zeros(10), small, 2, 1.0, True, 1.0, 0.0, np.empty(10)) is None
@@ -180,3 +176,22 @@ def test_refused_step_leaves_weights_and_momentum_unchanged() -> None:
     after = (w, b, opt.state[w]["momentum_buffer"], opt.state[b]["momentum_buffer"])
     for x, y in zip(before, after):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("rescale", ["diameter", None])
+def test_fixed_step_sizes_match_reference(rescale) -> None:
+    out = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        params = [nn.Parameter(torch.randn(n, dtype=torch.float64) * 0.01) for n in (50, 40000)]
+        groups = [{"params": [p], **make_constraint("k_sparse", p.numel(), k=p.numel() // 20,
+                                                    radius=0.4).to_group()} for p in params]  # fmt: skip
+        opt = SFW(groups, lr=0.3, rescale=rescale, foreach=foreach)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            opt.step()
+        out.append([p.detach().clone() for p in params])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -27,7 +27,6 @@ rounding.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -235,6 +234,17 @@ def _small_finish(theta, m, k, r, use_grad, lr, fixed, scratch):  # pragma: no c
     cut = n
     if count > k:
         cut = _tie_cut(m, t, k - (count - ties))
+    eta, gap = _apply(theta, m, t, cut, r, mm, use_grad, lr, fixed)
+    return eta, gap, True
+
+
+@njit(cache=True, nogil=True)
+def _apply(theta, m, t, cut, r, mm, use_grad, lr, fixed):  # pragma: no cover - compiled
+    """Passes 3 and 4 with ``η`` between them; returns ``(η, fw_gap)``.
+
+    ``η = clamp(lr·sqrt(mm)/||θ - v||, 0, 1)`` (0 where ``θ = v``) when ``use_grad``, else
+    ``fixed``.
+    """
     d2, gap = _distance_pass(theta, m, t, cut, r)
     if use_grad:
         eta = lr * math.sqrt(mm / d2) if d2 > 0 else 0.0
@@ -243,7 +253,26 @@ def _small_finish(theta, m, k, r, use_grad, lr, fixed, scratch):  # pragma: no c
     else:
         eta = fixed
     _update_pass(theta, m, t, cut, r, m.dtype.type(eta))
-    return eta, gap, True
+    return eta, gap
+
+
+@njit(cache=True, nogil=True)
+def _band_select(m, lo, hi, k, flags, words, band):  # pragma: no cover - compiled
+    """``(status, t, #{|m_i| >= t})`` from the band ``[lo, hi)``: status 0 when the K-th
+    largest ``|m_i|`` is in it, +1 when it is above, -1 below."""
+    c_hi = _band_flags(m, lo, hi, flags)
+    need = k - c_hi
+    if need < 1:
+        return 1, m.dtype.type(0.0), 0
+    b = _band_values(m, flags, words, band)
+    if need > b:
+        return -1, m.dtype.type(0.0), 0
+    vals = band[:b]
+    t = np.partition(vals, b - need)[b - need]
+    count = c_hi
+    for i in range(b):
+        count += vals[i] >= t
+    return 0, t, count
 
 
 def momentum(
@@ -292,16 +321,8 @@ def _from_band(
     """``(t, #{|m_i| >= t})`` from the band ``[lo, hi)``; when ``t`` is not in it, +1 (``t``
     is above) or -1 (below)."""
     dt = m.dtype.type
-    c_hi = int(_band_flags(m, dt(lo), dt(hi), st.flags))
-    need = k - c_hi
-    if need < 1:
-        return 1
-    b = _band_values(m, st.flags, st.words, st.band)
-    if need > b:
-        return -1
-    vals = st.band[:b]
-    t = np.partition(vals, b - need)[b - need]
-    return float(t), c_hi + int(np.count_nonzero(vals >= t))
+    status, t, count = _band_select(m, dt(lo), dt(hi), k, st.flags, st.words, st.band)
+    return (float(t), int(count)) if status == 0 else int(status)
 
 
 def _threshold(
@@ -331,15 +352,17 @@ def finish(
     mm: float,
     k: int,
     radius: float,
-    eta_of: Callable[[float, float], float],
+    use_grad: bool,
+    lr: float,
+    fixed: float,
     st: SignKernelState,
     scratch: np.ndarray,
 ) -> tuple[float, float] | None:
     """Phase 2: the SFW step of ``theta`` from the new momentum ``m``; returns ``(η, fw_gap)``.
 
-    ``mm = ||m||²`` (from :func:`momentum`); ``eta_of(mm, d2)`` gives ``η`` from it and
-    ``||θ - v||²``. Returns None, with ``theta`` untouched, when ``mm`` is not finite: the
-    caller then takes a path that orders NaN as :func:`torch.topk` does.
+    ``mm = ||m||²`` (from :func:`momentum`). ``η = clamp(lr·||m||/||θ - v||, 0, 1)`` when
+    ``use_grad``, else ``fixed``. Returns None, with ``theta`` untouched, when ``mm`` is not
+    finite: the caller then takes a path that orders NaN as :func:`torch.topk` does.
     """
     if not math.isfinite(mm):
         st.t_prev = 0.0
@@ -352,9 +375,7 @@ def finish(
     if count > k:  # ties at t: keep the lowest indices among them
         above = count - int(np.count_nonzero(np.abs(m, out=scratch) == t))
         cut = int(_tie_cut(m, dt(t), k - above))
-    d2, gap = _distance_pass(theta, m, dt(t), cut, dt(radius))
-    eta = eta_of(mm, d2)
-    _update_pass(theta, m, dt(t), cut, dt(radius), dt(eta))
+    eta, gap = _apply(theta, m, dt(t), cut, dt(radius), mm, use_grad, float(lr), float(fixed))
     st.remember(t, pred, mm)
     return eta, gap
 

@@ -410,17 +410,14 @@ def _fused_finish(
     m = f.view(m_new)
     spec, theta = f.spec, f.theta
     scratch = cache.scratch(m.size, m.dtype)
+    rescale, lr = group["rescale"], float(group["lr"])
+    use_grad, fixed = rescale == "gradient", _fixed_eta(rescale, lr, spec.l2_diameter)
     if m.size <= cpu_kernel.SMALL:
-        rescale, lr = group["rescale"], float(group["lr"])
-        out = cpu_kernel.small_finish(
-            theta, m, spec.k, spec.radius, rescale == "gradient", lr,
-            _fixed_eta(rescale, lr, spec.l2_diameter), scratch,
-        )  # fmt: skip
+        out = cpu_kernel.small_finish(theta, m, spec.k, spec.radius, use_grad, lr, fixed, scratch)
     else:
         out = cpu_kernel.finish(
-            theta, m, mm, spec.k, spec.radius, lambda a, b: _eta(group, spec, a, b), f.kst,
-            scratch,
-        )  # fmt: skip
+            theta, m, mm, spec.k, spec.radius, use_grad, lr, fixed, f.kst, scratch
+        )
     if out is not None:
         return out[0], (out[1] if want_gap else None)
     # ||m|| not finite (NaN/inf gradients with check_finite=False): θ is untouched; the NumPy
