@@ -43,6 +43,21 @@ except Exception:  # pragma: no cover - exercised where numba is missing or brok
 
 
 _FM = {"reassoc", "contract"}
+
+
+def _compiled(**options: Any):
+    """``numba.njit`` with an on-disk cache, or without one where no cache folder is writable
+    (numba refuses ``cache=True`` then, when the function is defined)."""
+
+    def wrap(fn):
+        try:
+            return njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # pragma: no cover - read-only install and home
+            return njit(cache=False, nogil=True, **options)(fn)
+
+    return wrap
+
+
 # Tensors this small skip the band: partitioning all of |m| is cheap.
 SMALL = 16384
 MODE_LERP, MODE_FIRST, MODE_READY = 0, 1, 2
@@ -52,7 +67,7 @@ MODE_LERP, MODE_FIRST, MODE_READY = 0, 1, 2
 BLOCK = 512
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@_compiled(fastmath=_FM)
 def all_finite(x: np.ndarray) -> bool:  # pragma: no cover - compiled
     """True when no entry is NaN or ±inf (``x - x`` is NaN exactly there)."""
     s = x.dtype.type(0.0)
@@ -61,7 +76,7 @@ def all_finite(x: np.ndarray) -> bool:  # pragma: no cover - compiled
     return s == 0.0
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@_compiled(fastmath=_FM)
 def _momentum_pass(out, m, g, w, mode):  # pragma: no cover - compiled
     """``out = m + w(g - m)`` (mode 0), ``g`` (1) or ``out`` as it is (2).
 
@@ -102,7 +117,7 @@ def _momentum_pass(out, m, g, w, mode):  # pragma: no cover - compiled
     return mm, bad
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@_compiled(fastmath=_FM)
 def _band_flags(m, lo, hi, flags):  # pragma: no cover - compiled
     """``flags[i] = lo <= |m_i| < hi``; returns ``#{|m_i| >= hi}``."""
     n = m.size
@@ -122,7 +137,7 @@ def _band_flags(m, lo, hi, flags):  # pragma: no cover - compiled
     return c_hi
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _band_values(m, flags, words, out):  # pragma: no cover - compiled
     """Copies ``|m_i|`` of the flagged entries into ``out``; returns how many.
 
@@ -140,7 +155,7 @@ def _band_values(m, flags, words, out):  # pragma: no cover - compiled
     return b
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _tie_cut(m, t, take):  # pragma: no cover - compiled
     """Index of the ``take``-th entry (in index order) with ``|m_i| == t``."""
     seen = 0
@@ -152,13 +167,13 @@ def _tie_cut(m, t, take):  # pragma: no cover - compiled
     return m.size
 
 
-@njit(cache=True, nogil=True, inline="always")
+@_compiled(inline="always")
 def _vertex(x, a, t, r, z):  # pragma: no cover - compiled
     """``-r·sign(x)`` where ``|x| = a >= t``, else 0 (also 0 for x = 0)."""
     return -math.copysign(r, x) if (a >= t) & (x != z) else z
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@_compiled(fastmath=_FM)
 def _distance_pass(theta, m, t, cut, r):  # pragma: no cover - compiled
     """Pass 3: ``(||θ - v||², <m, θ - v>)`` for the vertex selected by ``(t, cut)``.
 
@@ -193,7 +208,7 @@ def _distance_pass(theta, m, t, cut, r):  # pragma: no cover - compiled
     return d2, gap
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@_compiled(fastmath=_FM)
 def _update_pass(theta, m, t, cut, r, eta):  # pragma: no cover - compiled
     """Pass 4: ``θ ← θ + η(v - θ)`` (selection as in :func:`_distance_pass`)."""
     n = m.size
@@ -210,7 +225,7 @@ def _update_pass(theta, m, t, cut, r, eta):  # pragma: no cover - compiled
             theta[i] = theta[i] + eta * (v - theta[i])
 
 
-@njit(cache=True, nogil=True, fastmath=_FM)
+@_compiled(fastmath=_FM)
 def _small_finish(theta, m, k, r, use_grad, lr, fixed, scratch):  # pragma: no cover
     """:func:`finish` for a small tensor in one call; returns ``(η, fw_gap, ok)``.
 
@@ -238,7 +253,7 @@ def _small_finish(theta, m, k, r, use_grad, lr, fixed, scratch):  # pragma: no c
     return eta, gap, True
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _apply(theta, m, t, cut, r, mm, use_grad, lr, fixed):  # pragma: no cover - compiled
     """Passes 3 and 4 with ``η`` between them; returns ``(η, fw_gap)``.
 
@@ -256,7 +271,7 @@ def _apply(theta, m, t, cut, r, mm, use_grad, lr, fixed):  # pragma: no cover - 
     return eta, gap
 
 
-@njit(cache=True, nogil=True)
+@_compiled()
 def _band_select(m, lo, hi, k, flags, words, band):  # pragma: no cover - compiled
     """``(status, t, #{|m_i| >= t})`` from the band ``[lo, hi)``: status 0 when the K-th
     largest ``|m_i|`` is in it, +1 when it is above, -1 below."""
