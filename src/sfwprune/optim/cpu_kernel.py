@@ -6,8 +6,8 @@ kernels there run. Same math as :mod:`.reference` (``m ← ρm + (1-ρ)g``, ``v 
 largest ``|m_i|``, the vertex is ``v_i = -r·sign(m_i)`` where ``|m_i| >= t`` and 0 elsewhere, so
 the selection is a *threshold*, not an index list, and every pass below vectorizes:
 
-1. :func:`momentum`: ``m' = m + w(g - m)`` into a spare buffer (the state is untouched until
-   every gradient is known finite), with ``||m'||²`` and a finiteness flag for ``g``;
+1. :func:`momentum_`: ``m ← m + w(g - m)`` in place, with ``||m||²`` (the optimizer first
+   checks every gradient with :func:`all_finite`, while it is still in cache);
 2. :func:`finish`: ``t`` is predicted as ``t_prev·||m'||/||m_prev||`` (within ~0.5% in
    training), one pass counts ``#{|m_i| >= hi}`` and flags the band ``lo <= |m_i| < hi``, and
    ``t`` is the right order statistic of the band's few values. A band that misses ``t``
@@ -77,44 +77,34 @@ def all_finite(x: np.ndarray) -> bool:  # pragma: no cover - compiled
 
 
 @_compiled(fastmath=_FM)
-def _momentum_pass(out, m, g, w, mode):  # pragma: no cover - compiled
-    """``out = m + w(g - m)`` (mode 0), ``g`` (1) or ``out`` as it is (2).
-
-    Returns ``(||out||², Σ(g - g))``: the sum is 0 exactly when ``g`` is finite (mode 2: of
-    ``out``).
-    """
-    n = out.size
-    z = out.dtype.type(0.0)
+def _momentum_pass(m, g, w, mode):  # pragma: no cover - compiled
+    """In place: ``m ← m + w(g - m)`` (mode 0), ``m ← g`` (1) or ``m`` as it is (2); returns
+    ``||m||²``. Only ``m`` and ``g`` appear in the loop, so it vectorizes (a loop writing a
+    third array that may alias ``m`` does not)."""
+    n = m.size
+    z = m.dtype.type(0.0)
     mm = 0.0
-    bad = 0.0
     for s0 in range(0, n, BLOCK):
         size = min(BLOCK, n - s0)
-        ob = out[s0 : s0 + size]
         mb = m[s0 : s0 + size]
         gb = g[s0 : s0 + size]
         acc = z
-        chk = z
         if mode == 0:
             for i in range(size):
-                gi = gb[i]
-                x = mb[i] + w * (gi - mb[i])
-                ob[i] = x
+                x = mb[i] + w * (gb[i] - mb[i])
+                mb[i] = x
                 acc += x * x
-                chk += gi - gi
         elif mode == 1:
             for i in range(size):
                 x = gb[i]
-                ob[i] = x
+                mb[i] = x
                 acc += x * x
-                chk += x - x
         else:
             for i in range(size):
-                x = ob[i]
+                x = mb[i]
                 acc += x * x
-                chk += x - x
         mm += np.float64(acc)
-        bad += np.float64(chk)
-    return mm, bad
+    return mm
 
 
 @_compiled(fastmath=_FM)
@@ -290,15 +280,11 @@ def _band_select(m, lo, hi, k, flags, words, band):  # pragma: no cover - compil
     return 0, t, count
 
 
-def momentum(
-    out: np.ndarray, m: np.ndarray | None, g: np.ndarray | None, mode: int, rho: float
-) -> tuple[float, bool]:
-    """Phase 1: ``out = ρm + (1-ρ)g`` (``MODE_LERP``), ``g`` (``MODE_FIRST``) or as it is
-    (``MODE_READY``); returns ``(||out||², g finite)`` (``MODE_READY``: ``out`` finite)."""
-    mm, bad = _momentum_pass(
-        out, out if m is None else m, out if g is None else g, out.dtype.type(1.0 - rho), mode
-    )
-    return float(mm), bad == 0.0
+def momentum_(m: np.ndarray, g: np.ndarray | None, mode: int, rho: float) -> float:
+    """``m ← ρm + (1-ρ)g`` (``MODE_LERP``), ``m ← g`` (``MODE_FIRST``) or as it is
+    (``MODE_READY``), in place; returns ``||m||²``. Check ``g`` with :func:`all_finite` first
+    to refuse a non-finite gradient with nothing changed."""
+    return float(_momentum_pass(m, m if g is None else g, m.dtype.type(1.0 - rho), mode))
 
 
 class SignKernelState:
@@ -375,7 +361,7 @@ def finish(
 ) -> tuple[float, float] | None:
     """Phase 2: the SFW step of ``theta`` from the new momentum ``m``; returns ``(η, fw_gap)``.
 
-    ``mm = ||m||²`` (from :func:`momentum`). ``η = clamp(lr·||m||/||θ - v||, 0, 1)`` when
+    ``mm = ||m||²`` (from :func:`momentum_`). ``η = clamp(lr·||m||/||θ - v||, 0, 1)`` when
     ``use_grad``, else ``fixed``. Returns None, with ``theta`` untouched, when ``mm`` is not
     finite: the caller then takes a path that orders NaN as :func:`torch.topk` does.
     """

@@ -344,70 +344,66 @@ def _split_fused(items: list[tuple], cache: FastStepCache) -> tuple[list[_Fused]
 
 
 class _Fused:
-    """One tensor the compiled kernel steps, with its spare momentum buffer.
+    """One tensor the compiled kernel steps: its flat NumPy views and kernel state."""
 
-    Phase 1 writes the new momentum into ``spare``; phase 2 swaps it into the state.
-    """
-
-    __slots__ = ("i", "p", "theta", "spec", "kst", "spare", "views")
+    __slots__ = ("i", "p", "theta", "spec", "kst", "views")
 
     def __init__(self, i: int, p: Tensor, spec: _Spec, kst: cpu_kernel.SignKernelState):
         self.i, self.p, self.spec, self.kst = i, p, spec, kst
         self.theta = p.detach().view(-1).numpy()
-        self.spare: Tensor | None = None
-        self.views: dict[int, np.ndarray] = {}  # NumPy views of the (two) momentum buffers
+        self.views: dict[int, np.ndarray] = {}  # NumPy view of the momentum buffer, by address
 
     def view(self, buf: Tensor) -> np.ndarray:
         ptr = buf.data_ptr()
         found = self.views.get(ptr)
         if found is None:
-            if len(self.views) > 4:
-                self.views.clear()
+            self.views.clear()
             found = self.views[ptr] = buf.detach().view(-1).numpy()
         return found
 
 
-def _fused_momentum(f: _Fused, group: dict, st: dict) -> tuple[Tensor, float, bool]:
-    """Phase 1: the new momentum into ``f.spare``, state untouched; ``(m', ||m'||², ok)``.
-
-    ``ok``: the gradient is finite.
-    """
-    p = f.p
-    g = p.grad
+def _grad_view(f: _Fused) -> np.ndarray | None:
+    """The gradient as a flat NumPy view in the weights' memory order, or None (other layout)."""
+    g = f.p.grad
     if g.requires_grad:
         g = g.detach()
+    return g.view(-1).numpy() if g.is_contiguous() and g.dtype == f.p.dtype else None
+
+
+def _grad_finite(f: _Fused) -> bool:
+    g_np = _grad_view(f)
+    return bool(cpu_kernel.all_finite(g_np)) if g_np is not None else bool(
+        torch.isfinite(f.p.grad).all()
+    )  # fmt: skip
+
+
+def _fused_momentum(f: _Fused, group: dict, st: dict) -> tuple[np.ndarray, float]:
+    """The momentum of ``f.p`` updated in place; ``(m flat, ||m||²)``."""
+    p = f.p
     rho = group["momentum"]
     buf = st.get("momentum_buffer")
-    if buf is not None and not buf.is_contiguous():
-        buf = st["momentum_buffer"] = buf.contiguous()
-    out = f.spare
-    if out is None or out is buf:
-        out = f.spare = torch.empty_like(p, memory_format=torch.contiguous_format)
-    out_np = f.view(out)
-    if g.is_contiguous() and g.dtype == p.dtype:
-        g_np = g.view(-1).numpy()
-        if buf is None:
-            mm, ok = cpu_kernel.momentum(out_np, None, g_np, cpu_kernel.MODE_FIRST, rho)
-        else:
-            mm, ok = cpu_kernel.momentum(out_np, f.view(buf), g_np, cpu_kernel.MODE_LERP, rho)
-        return out, mm, ok
-    # unusual gradient layout: torch computes m', the kernel reads it
+    mode = cpu_kernel.MODE_LERP
     if buf is None:
-        out.copy_(g)
-    else:
-        torch.lerp(buf, g.to(buf.dtype), 1.0 - rho, out=out)
-    mm, _ = cpu_kernel.momentum(out_np, None, None, cpu_kernel.MODE_READY, rho)
-    return out, mm, bool(torch.isfinite(g).all())
+        buf = st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        mode = cpu_kernel.MODE_FIRST
+    elif not buf.is_contiguous():
+        buf = st["momentum_buffer"] = buf.contiguous()
+    m = f.view(buf)
+    g_np = _grad_view(f)
+    if g_np is None:  # unusual gradient layout: torch updates m, the kernel reads it
+        g = p.grad.detach()
+        if mode == cpu_kernel.MODE_FIRST:
+            buf.copy_(g)
+        else:
+            buf.lerp_(g.to(buf.dtype), 1.0 - rho)
+        mode = cpu_kernel.MODE_READY
+    return m, cpu_kernel.momentum_(m, g_np, mode, rho)
 
 
 def _fused_finish(
-    f: _Fused, m_new: Tensor, mm: float, group: dict, st: dict, cache: FastStepCache,
-    want_gap: bool,
-) -> tuple[float, float | None]:  # fmt: skip
-    """Phase 2: ``m'`` becomes the state's momentum, then the SFW step of ``f.p``."""
-    f.spare = st.get("momentum_buffer")
-    st["momentum_buffer"] = m_new
-    m = f.view(m_new)
+    f: _Fused, m: np.ndarray, mm: float, group: dict, cache: FastStepCache, want_gap: bool
+) -> tuple[float, float | None]:
+    """The SFW step of ``f.p`` from its updated momentum ``m`` (``||m||² = mm``)."""
     spec, theta = f.spec, f.theta
     scratch = cache.scratch(m.size, m.dtype)
     rescale, lr = group["rescale"], float(group["lr"])
@@ -533,16 +529,14 @@ def sfw_step_fast(
         finite = finite_flags(grads)
         if not bool(finite.all()):
             raise NonFiniteGradientError(_group_name(items[rest[int(torch.nonzero(~finite)[0])]]))
-    new_momentum = []
-    for f in fused:  # phase 1: nothing in the state changes
+    if check_finite:  # every gradient, before anything changes
+        for f in fused:
+            if not _grad_finite(f):
+                raise NonFiniteGradientError(_group_name(items[f.i]))
+    for f in fused:
         _, group, p = items[f.i]
-        m_new, mm, ok = _fused_momentum(f, group, state[p])
-        if check_finite and not ok:
-            raise NonFiniteGradientError(_group_name(items[f.i]))
-        new_momentum.append((m_new, mm))
-    for f, (m_new, mm) in zip(fused, new_momentum):
-        _, group, p = items[f.i]
-        eta, gap = _fused_finish(f, m_new, mm, group, state[p], cache, rows is not None)
+        m, mm = _fused_momentum(f, group, state[p])
+        eta, gap = _fused_finish(f, m, mm, group, cache, rows is not None)
         if rows is not None:
             rows[f.i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
     if fused and _increment_version is not None:  # NumPy wrote the params: tell autograd
