@@ -50,7 +50,8 @@ class FlatSignPlan:
     """Static index work for a batch of K-sparse tensors on one device and dtype.
 
     Built once per set of tensors (the optimizer's plan cache keeps it); :meth:`step` then
-    needs no host synchronisation and a kernel count independent of the number of tensors.
+    needs no host synchronisation, and its kernel count grows with the number of distinct
+    tensor shapes (one ``topk`` each), not with the number of tensors.
     """
 
     def __init__(self, entries: list[FlatEntry], graphs: bool = True) -> None:
