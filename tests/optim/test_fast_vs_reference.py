@@ -312,3 +312,51 @@ def test_a_missing_cache_is_rebuilt() -> None:
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     assert isinstance(opt._fast_cache, fast.FastStepCache)
+
+
+# ---- unusual inputs: the fast paths do what the reference does ----------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("rescale", ["gradient", None])
+@pytest.mark.parametrize("n", [9, SMALL + 100])
+def test_nan_gradient_unchecked_matches_reference(path: str, rescale, n: int) -> None:
+    """check_finite=False: a NaN gradient poisons exactly what it poisons in the reference
+    (torch.sign(NaN) = 0 in the vertex, NaN in ||m|| and so in a gradient-scaled η)."""
+    out = []
+    for foreach in (None, False):
+        p = nn.Parameter(torch.linspace(-0.05, 0.05, n, dtype=torch.float64))
+        group = {"params": [p], **make_constraint("k_sparse", n, k=4, radius=1.0).to_group()}
+        opt = SFW([group], lr=0.05, rescale=rescale, check_finite=False, foreach=foreach)
+        if foreach is None:
+            _use_path(opt, path)
+        g = torch.linspace(1.0, 2.0, n, dtype=torch.float64)  # no ties at the K-th value
+        g[3] = float("nan")
+        p.grad = g
+        opt.step()
+        out.append(p.detach().clone())
+    torch.testing.assert_close(out[0], out[1], equal_nan=True)
+
+
+def test_sfw_step_fast_works_outside_no_grad() -> None:
+    p = nn.Parameter(torch.zeros(10))
+    p.grad = torch.randn(10)
+    group = {"params": [p], "constraint": "unconstrained", "lr": 0.1, "momentum": 0.9,
+             "rescale": "gradient", "k": None, "p": None, "radius": None}  # fmt: skip
+    fast.sfw_step_fast([group], {p: {}}, None, fast.FastStepCache())
+    assert torch.allclose(p.detach(), -0.1 * p.grad)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_autograd_versions_bumped_one_tensor_at_a_time(path, monkeypatch) -> None:
+    """torch < 2.5's increment_version takes one tensor, not a list."""
+
+    def one_tensor(t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise RuntimeError("increment_version expect a Tensor as input")
+        torch.autograd.graph.increment_version(t)
+
+    monkeypatch.setattr(fast, "_increment_version", one_tensor)
+    out = _train(torch.float64, foreach=True, path=path, steps=2)
+    ref = _train(torch.float64, foreach=False, steps=2)
+    _assert_same(ref, out, rtol=1e-9, atol=1e-12)

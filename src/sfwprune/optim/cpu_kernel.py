@@ -17,7 +17,8 @@ the selection is a *threshold*, not an index list, and every pass below vectoriz
 
 Tensors of at most :data:`SMALL` entries take :func:`small_finish`: one compiled call that
 partitions all of ``|m|``. Ties at ``t`` (more than K entries with ``|m_i| >= t``) keep the
-lowest indices, as the NumPy path does: entries equal to ``t`` count only up to index ``cut``.
+lowest indices (entries equal to ``t`` count only up to index ``cut``); any choice among tied
+entries is an LMO minimizer.
 Entries with ``m_i = 0`` have ``v_i = 0`` whether selected or not, so ``t = 0`` needs no special
 case. Reductions sum blocks in the arrays' dtype and blocks in float64 (``fastmath`` allows only
 reassociation and contraction: NaN and inf propagate), so results equal the reference's up to

@@ -179,6 +179,16 @@ def _reference_update(
     return row
 
 
+def _sign(x: np.ndarray, mm: float) -> np.ndarray:
+    """``np.sign(x)`` with NaN mapped to 0, as :func:`torch.sign` does (checked only when
+    ``mm = ||m||²`` is not finite), so NaN gradients under ``check_finite=False`` give what the
+    reference gives."""
+    s = np.sign(x)
+    if not math.isfinite(mm):
+        s[np.isnan(s)] = 0.0
+    return s
+
+
 def _small_numpy(
     theta: np.ndarray, m: np.ndarray, spec: _Spec, group: dict, want_gap: bool
 ) -> tuple[float, float | None]:
@@ -187,14 +197,15 @@ def _small_numpy(
     a = np.abs(m)
     idx = np.argpartition(a, n - k)[n - k :] if k < n else slice(None)  # NaN counts as largest
     m_s = m[idx]
+    mm = float(np.dot(a, a))
     v = np.zeros_like(m)
     if spec.op == "scaled":
         v[idx] = _scaled_vertex(m_s, spec.radius)
     else:
-        v[idx] = np.sign(m_s) * -spec.radius
+        v[idx] = _sign(m_s, mm) * -spec.radius
     direction = np.subtract(v, theta, out=v)  # v - θ
     gap = -float(np.dot(m, direction)) if want_gap else None
-    eta = _eta(group, spec, float(np.dot(a, a)), float(np.dot(direction, direction)))
+    eta = _eta(group, spec, mm, float(np.dot(direction, direction)))
     direction *= eta
     theta += direction
     return eta, gap
@@ -227,7 +238,7 @@ def _sparse_numpy(
     if spec.op == "scaled":
         v_s = _scaled_vertex(m_s, spec.radius)
     else:
-        v_s = np.sign(m_s)
+        v_s = _sign(m_s, mm)
         v_s *= -spec.radius
     d_s = v_s - th_s  # (v - θ) on S
     gap = float(np.dot(m, theta)) - float(np.dot(m_s, v_s)) if want_gap else None
@@ -416,8 +427,8 @@ def _fused_finish(
         )
     if out is not None:
         return out[0], (out[1] if want_gap else None)
-    # ||m|| not finite (NaN/inf gradients with check_finite=False): θ is untouched; the NumPy
-    # kernels order NaN as torch.topk does.
+    # ||m|| not finite (NaN/inf gradients with check_finite=False): θ is untouched so far; the
+    # NumPy kernels order NaN as torch.topk does and take sign(NaN) = 0 as torch.sign does.
     if m.size <= SMALL:
         return _small_numpy(theta, m, spec, group, want_gap)
     tracker = cache.trackers.setdefault(id(f.p), TopKTracker())
@@ -494,12 +505,12 @@ class _Plan:
                     rows[i] = _row(None, torch.tensor(lr))
 
 
-@torch.no_grad()
 def _group_name(item: tuple) -> str:
     gi, group, _ = item
     return group.get("name", str(gi))
 
 
+@torch.no_grad()
 def sfw_step_fast(
     param_groups: list[dict[str, Any]],
     state: dict[Tensor, dict[str, Any]],
@@ -539,8 +550,9 @@ def sfw_step_fast(
         eta, gap = _fused_finish(f, m, mm, group, cache, rows is not None)
         if rows is not None:
             rows[f.i] = _row(torch.tensor(gap, dtype=p.dtype), torch.tensor(eta, dtype=p.dtype))
-    if fused and _increment_version is not None:  # NumPy wrote the params: tell autograd
-        _increment_version([f.p for f in fused])
+    if _increment_version is not None:  # NumPy wrote the params: tell autograd
+        for f in fused:  # one call each: torch < 2.5 takes no list
+            _increment_version(f.p)
     if rest:
         sub = items if len(rest) == len(items) else [items[i] for i in rest]
         ms = _momentum_(sub, state)

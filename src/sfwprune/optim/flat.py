@@ -150,22 +150,26 @@ class FlatSignPlan:
         if self.graph is None:
             return self._step(entries, lr, fixed, use_grad)
         static_lr, static_fixed, static_use, eta = self.graph_io
-        static_lr.copy_(lr)
-        static_fixed.copy_(fixed)
-        static_use.copy_(use_grad)
-        self.graph.replay()
+        with torch.cuda.device(lr.device):  # the graph's device, whichever is current
+            static_lr.copy_(lr)
+            static_fixed.copy_(fixed)
+            static_use.copy_(use_grad)
+            self.graph.replay()
         return eta
 
     def _capture(self, entries: list[FlatEntry], lr: Tensor, fixed: Tensor, use_grad: Tensor):
         """Records :meth:`_step` as a CUDA graph (nothing runs); on failure, stays eager."""
         io = (lr.clone(), fixed.clone(), use_grad.clone())
         graph = torch.cuda.CUDAGraph()
+        device = lr.device
         try:
-            torch.cuda.current_stream().synchronize()
-            # thread_local: other threads (e.g. a DataLoader's pin-memory thread) may keep
-            # calling CUDA while this one captures
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                eta = self._step(entries, *io)
+            with torch.cuda.device(device):  # capture on the tensors' device, not the current
+                torch.cuda.current_stream(device).synchronize()
+                stream = torch.cuda.Stream(device)
+                # thread_local: other threads (e.g. a DataLoader's pin-memory thread) may keep
+                # calling CUDA while this one captures
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                    eta = self._step(entries, *io)
         except Exception as err:  # pragma: no cover - depends on the CUDA build
             self.graphs = False
             self.graph_error = f"{type(err).__name__}: {err}"

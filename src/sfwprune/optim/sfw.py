@@ -57,8 +57,9 @@ class SFW(torch.optim.Optimizer):
         momentum: ρ in [0, 1) (default 0.9).
         rescale: ``"gradient"`` (default), ``"diameter"`` or ``None``.
         check_finite: refuse (``ValueError``, nothing changed) a step whose gradients hold NaN
-            or inf (default True). Free for tensors the compiled CPU kernel steps (it checks
-            while it reads the gradient); elsewhere one fused norm and one host sync a step.
+            or inf (default True). Costs one read of each gradient (on CPU, with the
+            compiled kernel, while the gradient is still in cache); on CUDA also one host sync
+            a step.
         diagnostics: when True, ``self.diagnostics`` holds, after each step, one dict per
             stepped tensor with ``name``, ``fw_gap`` (``<m, θ - v>``) and ``step_size`` (η)
             as 0-dim tensors. Off by default, and then free.
