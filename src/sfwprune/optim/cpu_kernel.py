@@ -32,6 +32,9 @@ from typing import Any
 
 import numpy as np
 
+# Tensors this small skip the band: partitioning all of |m| is cheap (the NumPy path's limit).
+from .topk import SMALL
+
 try:  # optional: ``pip install sfwprune[fast]``
     from numba import njit
 
@@ -59,8 +62,6 @@ def _compiled(**options: Any):
     return wrap
 
 
-# Tensors this small skip the band: partitioning all of |m| is cheap.
-SMALL = 16384
 MODE_LERP, MODE_FIRST, MODE_READY = 0, 1, 2
 # Reductions sum BLOCK entries in the arrays' dtype (vectorized), then add blocks in float64.
 # Blocks are slices: a loop over a slice from index 0 vectorizes where one over

@@ -411,7 +411,7 @@ def _fused_finish(
     scratch = cache.scratch(m.size, m.dtype)
     rescale, lr = group["rescale"], float(group["lr"])
     use_grad, fixed = rescale == "gradient", _fixed_eta(rescale, lr, spec.l2_diameter)
-    if m.size <= cpu_kernel.SMALL:
+    if m.size <= SMALL:
         out = cpu_kernel.small_finish(theta, m, spec.k, spec.radius, use_grad, lr, fixed, scratch)
     else:
         out = cpu_kernel.finish(
