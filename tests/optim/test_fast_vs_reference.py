@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,14 +13,6 @@ from torch import nn
 from sfwprune import SFW, make_constraint
 from sfwprune.optim import cpu_kernel, fast
 from sfwprune.optim.topk import SMALL, TopKTracker, select_top_k, topk_abs_indices
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Net(nn.Module):
