@@ -37,6 +37,7 @@ import torch
 from ..constraints import constraint_from_group
 from ..constraints.lp_ball import lp_ball_lmo
 from . import cpu_kernel
+from .finite import NonFiniteGradientError, finite_flags
 from .flat import FlatEntry, FlatSignPlan
 from .reference import step_size
 from .topk import SMALL, TopKTracker
@@ -380,6 +381,13 @@ def _grad_view(f: _Fused) -> np.ndarray | None:
     return g.view(-1).numpy() if g.is_contiguous() and g.dtype == f.p.dtype else None
 
 
+def _grad_finite(f: _Fused) -> bool:
+    g_np = _grad_view(f)
+    return bool(cpu_kernel.all_finite(g_np)) if g_np is not None else bool(
+        torch.isfinite(f.p.grad).all()
+    )  # fmt: skip
+
+
 def _fused_momentum(f: _Fused, group: dict, st: dict) -> tuple[np.ndarray, float]:
     """The momentum of ``f.p`` updated in place; ``(m flat, ||m||²)``."""
     p = f.p
@@ -497,18 +505,25 @@ class _Plan:
                     rows[i] = _row(None, torch.tensor(lr))
 
 
+def _group_name(item: tuple) -> str:
+    gi, group, _ = item
+    return group.get("name", str(gi))
+
+
 @torch.no_grad()
 def sfw_step_fast(
     param_groups: list[dict[str, Any]],
     state: dict[Tensor, dict[str, Any]],
     diagnostics: list | None,
     cache: FastStepCache,
+    check_finite: bool = False,
 ) -> None:
     """One SFW step for every parameter with a gradient, in all groups at once.
 
     Same results as :func:`.reference.sfw_group_step_reference` on each group, up to rounding;
     ``diagnostics`` (when a list) gets the same rows in the same order, with ``name``.
-    Gradients are not checked here: :class:`.SFW` refuses non-finite ones before calling it.
+    ``check_finite``: raise :class:`.finite.NonFiniteGradientError`, with nothing changed, if
+    a gradient holds NaN or inf.
     """
     items = [
         (gi, group, p)
@@ -520,6 +535,15 @@ def sfw_step_fast(
         return
     rows: list | None = [None] * len(items) if diagnostics is not None else None
     fused, rest = _split_fused(items, cache)
+    if check_finite and rest:
+        grads = [items[i][2].grad for i in rest]
+        finite = finite_flags(grads)
+        if not bool(finite.all()):
+            raise NonFiniteGradientError(_group_name(items[rest[int(torch.nonzero(~finite)[0])]]))
+    if check_finite:  # every gradient, before anything changes
+        for f in fused:
+            if not _grad_finite(f):
+                raise NonFiniteGradientError(_group_name(items[f.i]))
     for f in fused:
         _, group, p = items[f.i]
         m, mm = _fused_momentum(f, group, state[p])
@@ -548,6 +572,6 @@ def sfw_step_fast(
             for j, i in enumerate(rest):
                 rows[i] = sub_rows[j]
     if diagnostics is not None and rows is not None:
-        for (gi, group, _), row in zip(items, rows):
-            row["name"] = group.get("name", str(gi))
+        for item, row in zip(items, rows):
+            row["name"] = _group_name(item)
             diagnostics.append(row)

@@ -154,18 +154,19 @@ class SFW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.check_finite:
-            self._refuse_non_finite_gradients()
         diagnostics: list[dict[str, Any]] | None = [] if self.track_diagnostics else None
         if getattr(self, "foreach", None) is not False:
             cache = getattr(self, "_fast_cache", None)
             if cache is None:  # e.g. an optimizer restored by pickle
                 cache = self._fast_cache = FastStepCache()
                 cache.use_graphs = getattr(self, "cuda_graph", True)
-            sfw_step_fast(self.param_groups, self.state, diagnostics, cache)
+            # checks every gradient before it changes anything
+            sfw_step_fast(self.param_groups, self.state, diagnostics, cache, self.check_finite)
             if diagnostics is not None:
                 self.diagnostics = diagnostics
             return loss
+        if self.check_finite:
+            self._refuse_non_finite_gradients()
         for index, group in enumerate(self.param_groups):
             start = len(diagnostics) if diagnostics is not None else 0
             sfw_group_step_reference(group, self.state, diagnostics)
