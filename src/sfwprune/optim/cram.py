@@ -1,0 +1,154 @@
+"""CrAM and CrAM+: a compression-aware minimizer wrapped around any base optimizer.
+
+Peste, Vladu, Kurtic, Lampert, Alistarh, "CrAM: A Compression-Aware Minimizer" (ICLR 2023). Per
+step, with ``g = ∇L(θ)``, a sparsity ``s`` drawn from ``sparsities`` and ``C_s`` global magnitude
+top-k (zero the ``round(s·N)`` smallest ``|w|`` of the compressed tensors)::
+
+    θ̃ = C_s(θ + ρ g)                      (perturb along the gradient, then compress)
+    d = ∇L(θ̃)          (CrAM)     or     d = ∇L(θ̃) + g     (CrAM+)
+    θ ← base_step(θ, d)                    (straight-through: d updates the dense weights)
+
+Two forward/backward passes per step, so ``step`` needs a closure that recomputes the loss and
+its gradients from scratch (``zero_grad``, forward, ``backward``, return the loss), as
+``torch.optim.LBFGS`` does. BatchNorm running statistics see both passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from ..prune.masks import check_sparsity, lowest, prune_count
+
+Tensor = torch.Tensor
+
+
+class CrAM(torch.optim.Optimizer):
+    """CrAM / CrAM+ over a base optimizer (SGD by default).
+
+    Args:
+        params: tensors or param groups, handed to the base optimizer as they are (so SFW's
+            :func:`sfwprune.constraint_groups` groups work: SFW fed the CrAM gradient).
+        base_optimizer: the optimizer class that takes the step (default ``torch.optim.SGD``).
+        rho: perturbation size ρ >= 0 (default 0.05).
+        sparsities: the sparsities ``s`` drawn uniformly, one per step (default 0.9, 0.95, 0.98).
+        plus: CrAM+ (add the plain gradient, default True) or CrAM.
+        compress: the tensors ranked by the top-k compression (default: every parameter of
+            ``params`` with ``dim >= 2``, the weights :func:`sfwprune.prune_` ranks).
+        normalize: perturb by ``ρ g / ||g||`` (SAM's form) instead of ``ρ g`` (default False).
+        generator: random source for drawing ``s`` (default: the global torch RNG).
+        **base_kwargs: passed to ``base_optimizer`` (e.g. ``lr``, ``momentum``).
+
+    Example:
+        >>> opt = CrAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05)
+        >>> def closure():
+        ...     opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
+        >>> opt.step(closure)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.05,
+        sparsities: Sequence[float] = (0.9, 0.95, 0.98),
+        plus: bool = True,
+        compress: Iterable[Tensor] | None = None,
+        normalize: bool = False,
+        generator: torch.Generator | None = None,
+        **base_kwargs: Any,
+    ):
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not rho >= 0:
+            raise ValueError(f"Invalid rho: {rho!r} (expected a number >= 0)")
+        if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Iterable):
+            raise ValueError(f"Invalid sparsities: {sparsities!r} (expected numbers in [0, 1])")
+        levels = tuple(check_sparsity(s, "sparsities") for s in sparsities)
+        if not levels:
+            raise ValueError("Invalid sparsities: () (expected at least one number in [0, 1])")
+        if not (
+            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
+        ):
+            raise ValueError(
+                f"Invalid base_optimizer: {base_optimizer!r} (expected a torch.optim.Optimizer class)"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(
+                f"Invalid generator: {generator!r} (expected a torch.Generator or None)"
+            )
+        self.base_optimizer = base_optimizer(params, **base_kwargs)
+        # share the groups, so schedulers, state_dict and add_param_group see one set of groups
+        super().__init__(self.base_optimizer.param_groups, {})
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self.rho, self.sparsities, self.plus = float(rho), levels, bool(plus)
+        self.normalize, self.generator = bool(normalize), generator
+        members = [p for group in self.param_groups for p in group["params"]]
+        if compress is None:
+            self.compress = [p for p in members if p.dim() >= 2]
+        else:
+            ids = {id(p) for p in members}
+            self.compress = list(compress)
+            if any(id(p) not in ids for p in self.compress):
+                raise ValueError(
+                    "Invalid compress: a tensor that is not among the optimized params"
+                )
+        if not self.compress:
+            raise ValueError("Invalid compress: no tensors to compress (expected >= 1 tensor)")
+        self.last_sparsity: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.state = self.base_optimizer.state
+
+    def _draw_sparsity(self) -> float:
+        if len(self.sparsities) == 1:
+            return self.sparsities[0]
+        i = torch.randint(len(self.sparsities), (), generator=self.generator)
+        return self.sparsities[int(i)]
+
+    @torch.no_grad()
+    def _compress_(self, sparsity: float) -> None:
+        """Zero the ``round(s·N)`` smallest ``|w|`` over all compressed tensors (one ranking)."""
+        flat = torch.cat([p.detach().reshape(-1).abs().float() for p in self.compress])
+        pruned = lowest(flat, prune_count(sparsity, flat.numel()))
+        for p, cut in zip(self.compress, torch.split(pruned, [p.numel() for p in self.compress])):
+            p.masked_fill_(cut.view(p.shape).to(p.device), 0)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One CrAM(+) step; returns the loss at the dense weights (the closure's first value)."""
+        if closure is None:
+            raise ValueError(
+                "Invalid closure: None (CrAM takes two gradients a step: pass a closure that "
+                "zeroes the gradients, computes the loss, calls backward and returns the loss)"
+            )
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        saved = [p.detach().clone() for p in params]
+        first = [p.grad.detach().clone() for p in params]
+        scale = self.rho
+        if self.normalize and first:
+            norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in first]))
+            scale = self.rho / float(norm.clamp_min(1e-12))
+        for p, g in zip(params, first):
+            p.add_(g, alpha=scale)
+        self.last_sparsity = self._draw_sparsity()
+        self._compress_(self.last_sparsity)
+        with torch.enable_grad():
+            closure()
+        for p, w, g in zip(params, saved, first):
+            p.copy_(w)
+            if p.grad is None:  # the compressed point gave no gradient: use the plain one
+                p.grad = g
+            elif self.plus:
+                p.grad.add_(g)
+        self.base_optimizer.step()
+        return loss

@@ -1,0 +1,160 @@
+"""CrAM / CrAM+: one step against a hand computation, options and bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sfwprune.constraints import constraint_groups
+from sfwprune.optim import SFW
+from sfwprune.optim.cram import CrAM
+
+
+def _quadratic_closure(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, opt):
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - y) ** 2).sum()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def _grad(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # L(w) = 0.5 ||x wᵀ - y||²  ->  ∇L = (x wᵀ - y)ᵀ x
+    return (x @ w.T - y).T @ x
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_one_step_matches_hand_computation(plus):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False).double()
+    w0 = torch.tensor([[0.5, -0.2, 0.05, 1.0]], dtype=torch.float64)
+    model.weight.data.copy_(w0)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 1, dtype=torch.float64)
+    opt = CrAM(model.parameters(), lr=0.1, rho=0.05, sparsities=(0.5,), plus=plus)
+    opt.step(_quadratic_closure(model, x, y, opt))
+
+    g = _grad(w0, x, y)
+    perturbed = w0 + 0.05 * g
+    keep = torch.zeros_like(perturbed, dtype=torch.bool)
+    keep[0, perturbed.abs()[0].argsort(descending=True)[:2]] = True  # top-2 of 4 = 50% sparsity
+    g_c = _grad(perturbed * keep, x, y)
+    direction = g_c + g if plus else g_c
+    torch.testing.assert_close(model.weight.data, w0 - 0.1 * direction)
+    assert opt.last_sparsity == 0.5
+
+
+def test_returns_loss_at_dense_weights_and_momentum_state_round_trips():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    opt = CrAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        dense = nn.functional.cross_entropy(model(x), y)
+    loss = opt.step(closure)
+    assert float(loss.detach()) == pytest.approx(float(dense))
+    assert all(p.abs().sum() > 0 for p in model.parameters())  # dense weights restored
+    state = opt.state_dict()
+    other = CrAM(model.parameters(), lr=0.1, momentum=0.9)
+    other.load_state_dict(state)
+    assert set(other.state_dict()["state"]) == set(state["state"])
+
+
+def test_loss_goes_down_and_scheduler_sees_the_groups():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(64, 10)
+    y = (x[:, 0] > 0).long()
+    opt = CrAM(model.parameters(), lr=0.2, momentum=0.9, sparsities=(0.5, 0.7))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(closure())
+    for _ in range(30):
+        opt.step(closure)
+        sched.step()
+    assert float(closure()) < 0.5 * first
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5**3)
+
+
+def test_sfw_as_base_optimizer_stays_feasible():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    groups = constraint_groups(model)
+    opt = CrAM(groups, SFW, lr=1.0, momentum=0.9, rho=0.05)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    from sfwprune.constraints import constraint_from_group
+
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert constraint_from_group(group, p.numel()).contains(p.detach().reshape(-1))
+
+
+def test_draws_are_seeded():
+    model = nn.Linear(5, 5)
+    draws = []
+    for _ in range(2):
+        gen = torch.Generator().manual_seed(7)
+        opt = CrAM(model.parameters(), lr=0.0, sparsities=(0.1, 0.5, 0.9), generator=gen)
+        x = torch.randn(4, 5)
+
+        def closure(opt=opt, x=x):
+            opt.zero_grad()
+            loss = model(x).sum()
+            loss.backward()
+            return loss
+
+        seq = []
+        for _ in range(6):
+            opt.step(closure)
+            seq.append(opt.last_sparsity)
+        draws.append(seq)
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rho": -1.0}, "Invalid rho"),
+        ({"sparsities": (1.5,)}, "Invalid sparsities"),
+        ({"sparsities": ()}, "Invalid sparsities"),
+        ({"base_optimizer": object}, "Invalid base_optimizer"),
+        ({"compress": [torch.zeros(2, 2, requires_grad=True)]}, "Invalid compress"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    model = nn.Linear(3, 3)
+    kwargs = dict(kwargs)
+    base = kwargs.pop("base_optimizer", torch.optim.SGD)
+    with pytest.raises(ValueError, match=match):
+        CrAM(model.parameters(), base, lr=0.1, **kwargs)
+
+
+def test_step_without_closure_is_refused():
+    opt = CrAM(nn.Linear(3, 3).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="Invalid closure"):
+        opt.step()
