@@ -29,7 +29,7 @@ def test_loads_real_format(tmp_path, files, protocol):
                                        range(1, 6)), [])  # fmt: skip
     assert ds.test_y.tolist() == batches["test_batch"][b"labels"]
     assert ds.classes[0] == "airplane" and ds.classes[9] == "truck"
-    assert ds.source == str(tmp_path / "cifar-10-batches-py")
+    assert ds.source.path == str(tmp_path / "cifar-10-batches-py")
 
 
 def test_numpy1_module_names_as_in_the_real_files(tmp_path):
@@ -105,13 +105,18 @@ def test_batches_folder_itself_env_var_and_limit(tmp_path, monkeypatch, files):
 def test_missing_and_download(tmp_path, monkeypatch, files):
     files.write_cifar(tmp_path / "partial")
     (tmp_path / "partial" / "cifar-10-batches-py" / "data_batch_4").unlink()
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(FileNotFoundError, match="Invalid data_dir: .*missing data_batch_4"):
         load_dataset("cifar10", data_dir=tmp_path / "partial")
+    monkeypatch.setenv("SFWPRUNE_DATA", str(tmp_path / "partial"))
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10")
     msg = str(info.value)
     assert "missing data_batch_4" in msg and "SFWPRUNE_DATA" in msg and "download=True" in msg
     calls = []
     monkeypatch.setattr(cifar, "_download", lambda dest: calls.append(files.write_cifar(dest)))
-    ds = load_dataset("cifar10", data_dir=tmp_path / "partial", download=True)
+    with pytest.raises(FileNotFoundError, match="Invalid data_dir"):  # no download over it
+        load_dataset("cifar10", data_dir=tmp_path / "partial", download=True)
+    ds = load_dataset("cifar10", download=True)
     assert len(calls) == 1 and ds.train_x.shape[0] == 15
     with pytest.raises(ValueError, match="Invalid image_size: 64"):
         load_dataset("cifar10", image_size=64)

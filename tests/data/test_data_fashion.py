@@ -46,7 +46,7 @@ def test_load_from_data_dir_layouts(tmp_path, gz, layout, files):
     np.testing.assert_array_equal(ds.train_x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(ds.test_y.numpy(), arrays["t10k-labels-idx1-ubyte"])
     assert ds.train_y.dtype == torch.int64 and ds.num_classes == 10
-    assert Path(ds.source) == tmp_path / layout
+    assert Path(ds.source.path) == tmp_path / layout
     expected_mean = arrays["train-images-idx3-ubyte"].mean() / 255
     assert ds.mean[0] == pytest.approx(expected_mean, rel=1e-9)
 
@@ -60,17 +60,19 @@ def test_lookup_order_data_dir_then_env_then_system(tmp_path, monkeypatch, files
     monkeypatch.setenv("SFWPRUNE_DATA", str(env))
     assert load_dataset("fashion-mnist", data_dir=arg).train_x.shape[0] == 6
     assert load_dataset("fashion-mnist").train_x.shape[0] == 7
-    # a data_dir without the files falls through to the next place, the env folder
+    # a data_dir without the files is an error, never a fall-through to the env folder
     (tmp_path / "empty").mkdir()
-    assert load_dataset("fashion-mnist", data_dir=tmp_path / "empty").train_x.shape[0] == 7
+    with pytest.raises(FileNotFoundError, match="Invalid data_dir: .*empty"):
+        load_dataset("fashion-mnist", data_dir=tmp_path / "empty")
     monkeypatch.delenv("SFWPRUNE_DATA")
     ds = load_dataset("fashion-mnist")
-    assert ds.train_x.shape[0] == 8 and ds.source == str(system)
+    assert ds.train_x.shape[0] == 8 and ds.source.path == str(system)
 
 
-def test_not_found_names_all_remedies(tmp_path):
+def test_not_found_names_all_remedies(tmp_path, monkeypatch):
+    monkeypatch.setenv("SFWPRUNE_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError) as info:
-        load_dataset("fashion-mnist", data_dir=tmp_path / "nowhere")
+        load_dataset("fashion-mnist")
     msg = str(info.value)
     for needle in ("--data-dir", "SFWPRUNE_DATA", "apt-get install dataset-fashion-mnist",
                    "download=True", str(tmp_path / "nowhere")):  # fmt: skip
@@ -155,7 +157,7 @@ def test_limit_and_image_size(tmp_path, files):
 def test_real_debian_fashion_mnist(monkeypatch):
     monkeypatch.setattr(fm, "SYSTEM_DIR", DEBIAN)
     ds = load_dataset("fashion-mnist")
-    assert ds.source == str(DEBIAN)
+    assert ds.source.path == str(DEBIAN)
     assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
     assert torch.equal(torch.bincount(ds.train_y), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(ds.test_y), torch.full((10,), 1000))

@@ -49,15 +49,15 @@ def test_decode_cache_reused_and_invalidated(tmp_path, files):
     files.write_tiny_imagenet(tmp_path)
     first = load_dataset("tiny-imagenet", data_dir=tmp_path)
     cached = list(cache_dir().glob("tiny-imagenet-32px-*.pt"))
-    assert len(cached) == 1 and "decoded cache" not in first.source
+    assert len(cached) == 1 and "decoded cache" not in first.source.note
     second = load_dataset("tiny-imagenet", data_dir=tmp_path)
-    assert "decoded cache" in second.source
+    assert "decoded cache" in second.source.note
     assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
     # a new image changes the fingerprint, so the folder is decoded again
     images = tmp_path / "tiny-imagenet-200" / "train" / "n01443537" / "images"
     Image.new("RGB", (64, 64), (0, 0, 0)).save(images / "n01443537_99.JPEG")
     third = load_dataset("tiny-imagenet", data_dir=tmp_path)
-    assert third.train_x.shape[0] == 13 and "decoded cache" not in third.source
+    assert third.train_x.shape[0] == 13 and "decoded cache" not in third.source.note
     no_cache = load_dataset("tiny-imagenet", data_dir=tmp_path, image_size=16, cache=False)
     assert no_cache.input_shape == (3, 16, 16)
     assert not list(cache_dir().glob("tiny-imagenet-16px-*.pt"))
@@ -80,4 +80,6 @@ def test_bad_annotation_and_bad_image(tmp_path, files):
 
 def test_not_found_message(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)tiny-imagenet-200.zip.*SFWPRUNE_DATA"):
+        load_dataset("tiny-imagenet")
+    with pytest.raises(FileNotFoundError, match=r"Invalid data_dir: .*wnids.txt"):
         load_dataset("tiny-imagenet", data_dir=tmp_path)

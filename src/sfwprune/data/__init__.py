@@ -16,18 +16,21 @@ from .fashion_mnist import load_fashion_mnist
 from .idx import read_idx
 from .loader import DeviceLoader
 from .paths import DATA_ENV, cache_dir
-from .registry import DATASETS, load_dataset
+from .registry import DATASETS, load_dataset, resolve_source
+from .source import DataSource, check_source
 from .synthetic import load_synthetic
 from .tiny_imagenet import load_tiny_imagenet
 
 __all__ = [
     "DATASETS",
     "DATA_ENV",
+    "DataSource",
     "Dataset",
     "DeviceLoader",
     "RestrictedUnpickler",
     "cache_dir",
     "channel_stats",
+    "check_source",
     "crop_flip",
     "crop_flip_reference",
     "draw_crop_flip",
@@ -39,5 +42,6 @@ __all__ = [
     "load_tiny_imagenet",
     "make_dataset",
     "read_idx",
+    "resolve_source",
     "safe_unpickle",
 ]

@@ -4,8 +4,9 @@ On disk: ``cifar-10-batches-py/data_batch_1..5``, ``test_batch`` (each a pickled
 ``b'data'``: ``uint8`` ``10000×3072`` rows of R, G, B planes of 32×32, and ``b'labels'``: a list
 of ints) and ``batches.meta`` (``b'label_names'``). Pickle can run arbitrary code, so batches are
 read with :class:`RestrictedUnpickler`, which resolves only numpy's array/dtype reconstruction
-functions and refuses every other global. Looked for in ``data_dir``, ``$SFWPRUNE_DATA`` and the
-download cache; ``download=True`` fetches torchvision's md5-checked archive into the cache.
+functions and refuses every other global. Looked for only in ``data_dir`` when given (missing
+batches are an error there), else in ``$SFWPRUNE_DATA`` and the download cache;
+``download=True`` fetches torchvision's md5-checked archive into the cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ import numpy as np
 import torch
 
 from .dataset import Dataset, make_dataset
-from .paths import DATA_ENV, cache_dir, describe_search, search_roots
+from .paths import (
+    DATA_DIR_LABEL,
+    DATA_ENV,
+    cache_dir,
+    describe_search,
+    explicit_dir_error,
+    search_roots,
+)
+from .source import DataSource, hash_files
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -120,7 +129,7 @@ def _find_folder(root: Path) -> tuple[Path | None, str]:
         if present:
             missing = sorted(set(names) - set(present))
             return None, f"{folder} is incomplete, missing {', '.join(missing)}"
-    return None, f"no {FOLDER}/ folder"
+    return None, f"no {FOLDER}/ folder, missing {', '.join((*TRAIN_BATCHES, TEST_BATCH))}"
 
 
 def _download(dest: Path) -> None:
@@ -142,6 +151,8 @@ def locate(data_dir: str | os.PathLike | None = None, *, download: bool = False)
         folder, why = _find_folder(root)
         if folder is not None:
             return folder
+        if label == DATA_DIR_LABEL:
+            raise explicit_dir_error("CIFAR-10", root, why)
         tried.append((label, root, why))
     if download:
         _download(cache_dir())
@@ -156,6 +167,19 @@ def locate(data_dir: str | os.PathLike | None = None, *, download: bool = False)
         f"FOLDER, a folder containing {FOLDER}/ (the python version of CIFAR-10)\n"
         f"  2. allow a download (--download, download=True) into {cache_dir()}"
     )
+
+
+def _files_read(folder: Path) -> list[Path]:
+    names = (*TRAIN_BATCHES, TEST_BATCH) + ((META,) if (folder / META).is_file() else ())
+    return [folder / n for n in names]
+
+
+def resolve_source(
+    data_dir: str | os.PathLike | None = None, *, download: bool = False
+) -> DataSource:
+    """The :class:`DataSource` (folder + SHA-256 of the batch files) a load would read."""
+    folder = locate(data_dir, download=download)
+    return hash_files(folder, _files_read(folder))
 
 
 def load_cifar10(
@@ -175,6 +199,7 @@ def load_cifar10(
     if image_size not in (None, 32):
         raise ValueError(f"Invalid image_size: {image_size!r} (CIFAR-10 is 32×32 only)")
     folder = locate(data_dir, download=download)
+    source = hash_files(folder, _files_read(folder))
     parts = [_read_batch(folder / name) for name in TRAIN_BATCHES]
     train = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     test = _read_batch(folder / TEST_BATCH)
@@ -185,5 +210,5 @@ def load_cifar10(
         if isinstance(names, list) and len(names) == 10:
             classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
     return make_dataset(
-        "cifar10", train, test, num_classes=10, source=str(folder), limit=limit, classes=classes
+        "cifar10", train, test, num_classes=10, source=source, limit=limit, classes=classes
     )

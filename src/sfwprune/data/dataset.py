@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from .source import DataSource, hash_tensors
+
 Tensor = torch.Tensor
 
 
@@ -27,7 +29,8 @@ class Dataset:
         num_classes: number of classes.
         input_shape: ``(C, H, W)``.
         mean, std: per-channel statistics of ``train_x`` (in ``x/255`` units for ``uint8``).
-        source: where the data came from (a folder, a package, ``"generated"``).
+        source: where the data came from and a content hash (:class:`DataSource`; its
+            ``path`` is a folder, a package, or ``"generated (seed=...)"``).
         classes: class names when the files carry them, else ``()``.
 
     Example:
@@ -45,7 +48,7 @@ class Dataset:
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    source: str
+    source: DataSource
     classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class Dataset:
                     f"Invalid {split}_y range: [{int(y.min())}, {int(y.max())}] "
                     f"(expected labels in [0, {self.num_classes}))"
                 )
+        if not isinstance(self.source, DataSource):
+            raise ValueError(f"Invalid source: {self.source!r} (expected a DataSource)")
         channels = self.input_shape[0]
         if len(self.mean) != channels or len(self.std) != channels:
             raise ValueError(
@@ -78,7 +83,8 @@ class Dataset:
         """Plain-value summary for results files (no tensors)."""
         return {
             "name": self.name,
-            "source": self.source,
+            "source": self.source.path,
+            "source_sha256": self.source.sha256,
             "num_train": int(self.train_x.shape[0]),
             "num_test": int(self.test_x.shape[0]),
             "num_classes": self.num_classes,
@@ -136,14 +142,19 @@ def make_dataset(
     test: tuple[Tensor, Tensor],
     *,
     num_classes: int,
-    source: str,
+    source: DataSource | str,
     limit: int | None = None,
     classes: tuple[str, ...] = (),
 ) -> Dataset:
     """Build a :class:`Dataset`: keep the first ``limit`` train and ``max(1, limit // 5)`` test
-    samples, then compute ``mean``/``std`` on the kept training images."""
+    samples, then compute ``mean``/``std`` on the kept training images.
+
+    ``source`` is the :class:`DataSource` of the files read, or for generated / bundled data a
+    description, then hashed from the full (not yet limited) tensors."""
     limit = check_limit(limit)
     (train_x, train_y), (test_x, test_y) = train, test
+    if not isinstance(source, DataSource):
+        source = hash_tensors(str(source), (train_x, train_y, test_x, test_y))
     if limit is not None:
         train_x, train_y = train_x[:limit], train_y[:limit]
         n_test = num_test_kept(limit)

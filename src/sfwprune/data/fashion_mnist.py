@@ -1,8 +1,9 @@
 """Fashion-MNIST (Xiao et al. 2017): 60k/10k 28×28 grey images of 10 clothing classes.
 
-Looked for, in order: the ``data_dir`` argument, ``$SFWPRUNE_DATA``, Debian's package folder
-``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``), the download
-cache; with ``download=True`` torchvision's mirrors fill the cache. In each folder the four IDX
+Looked for only in the ``data_dir`` argument when given (missing files are an error there), else in
+order: ``$SFWPRUNE_DATA``, Debian's package folder ``/usr/share/datasets/fashion-mnist``
+(``apt-get install dataset-fashion-mnist``), the download cache; with ``download=True`` (and no
+``data_dir``) torchvision's mirrors fill the cache. In each folder the four IDX
 files may lie directly, under ``fashion-mnist/`` or under torchvision's ``FashionMNIST/raw/``,
 gzipped or not.
 """
@@ -16,7 +17,15 @@ import torch
 
 from .dataset import Dataset, make_dataset
 from .idx import IMAGES_MAGIC, LABELS_MAGIC, read_idx
-from .paths import DATA_ENV, cache_dir, describe_search, search_roots
+from .paths import (
+    DATA_DIR_LABEL,
+    DATA_ENV,
+    cache_dir,
+    describe_search,
+    explicit_dir_error,
+    search_roots,
+)
+from .source import DataSource, hash_files
 
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FILES = {
@@ -44,6 +53,7 @@ def find_files(folder: Path) -> tuple[dict[str, Path] | None, str]:
     if not folder.is_dir():
         return None, "no such folder"
     reasons = []
+    everything = ", ".join(f"{stem}[.gz]" for stem in FILES.values())
     for layout in _LAYOUTS:
         sub = folder / layout
         found = {key: _find_file(sub, stem) for key, stem in FILES.items()}
@@ -51,9 +61,9 @@ def find_files(folder: Path) -> tuple[dict[str, Path] | None, str]:
             return found, "ok"  # type: ignore[return-value]
         present = [FILES[k] for k, p in found.items() if p is not None]
         if present:
-            missing = [FILES[k] for k, p in found.items() if p is None]
+            missing = [f"{FILES[k]}[.gz]" for k, p in found.items() if p is None]
             reasons.append(f"{sub} is incomplete, missing {', '.join(missing)}")
-    return None, "; ".join(reasons) or "no Fashion-MNIST IDX files"
+    return None, "; ".join(reasons) or f"no Fashion-MNIST IDX files, missing {everything}"
 
 
 def _download(dest: Path) -> None:
@@ -99,6 +109,8 @@ def locate(data_dir: str | os.PathLike | None = None, *, download: bool = False)
         files, why = find_files(root)
         if files is not None:
             return files
+        if label == DATA_DIR_LABEL:
+            raise explicit_dir_error("Fashion-MNIST", root, why)
         tried.append((label, root, why))
     if download:
         dest = cache_dir() / "fashion-mnist"
@@ -108,6 +120,14 @@ def locate(data_dir: str | os.PathLike | None = None, *, download: bool = False)
             return files
         tried.append(("download", dest, why))
     raise _not_found(tried)
+
+
+def resolve_source(
+    data_dir: str | os.PathLike | None = None, *, download: bool = False
+) -> DataSource:
+    """The :class:`DataSource` (folder + SHA-256 of the four files as stored) load would read."""
+    files = locate(data_dir, download=download)
+    return hash_files(files["train_images"].parent, files.values())
 
 
 def _load_pair(images: Path, labels: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +174,7 @@ def load_fashion_mnist(
         train,
         test,
         num_classes=len(CLASSES),
-        source=str(files["train_images"].parent),
+        source=hash_files(files["train_images"].parent, files.values()),
         limit=limit,
         classes=CLASSES,
     )

@@ -6,10 +6,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from . import cifar, fashion_mnist, tiny_imagenet
 from .cifar import load_cifar10
 from .dataset import Dataset, check_limit
 from .digits import load_digits
 from .fashion_mnist import load_fashion_mnist
+from .source import DataSource
 from .synthetic import load_synthetic
 from .tiny_imagenet import load_tiny_imagenet
 
@@ -21,6 +23,42 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "synthetic": load_synthetic,
 }
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
+# datasets read from files: their source is found and hashed without decoding the data
+_RESOLVERS: dict[str, Callable[..., DataSource]] = {
+    "fashion-mnist": fashion_mnist.resolve_source,
+    "cifar10": cifar.resolve_source,
+    "tiny-imagenet": tiny_imagenet.resolve_source,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in _LOADERS:
+        raise ValueError(f"Invalid dataset: {name!r} (expected one of {', '.join(DATASETS)})")
+
+
+def resolve_source(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = False,
+    **options: Any,
+) -> DataSource:
+    """Where ``load_dataset(name, data_dir=...)`` would read from, and a hash of that content.
+
+    Same lookup and errors as :func:`load_dataset` (an explicit ``data_dir`` lacking the files
+    raises ``FileNotFoundError`` naming it; a bad ``~user`` path raises ``ValueError``). File
+    datasets are hashed as stored, without decoding; generated/bundled ones (``synthetic``,
+    ``digits``, which depend on ``options`` such as ``seed``) are built and their tensors hashed.
+    Equals ``load_dataset(name, ...).source`` for any ``limit``.
+
+    Example:
+        >>> resolve_source("synthetic", seed=1).path
+        'generated (seed=1)'
+    """
+    _check_name(name)
+    if name in _RESOLVERS:
+        return _RESOLVERS[name](data_dir, download=download)
+    return _LOADERS[name](data_dir=data_dir, download=download, **options).source
 
 
 def load_dataset(
@@ -36,7 +74,9 @@ def load_dataset(
 
     Args:
         name: ``fashion-mnist``, ``cifar10``, ``tiny-imagenet``, ``digits`` or ``synthetic``.
-        data_dir: folder to look in first (then ``$SFWPRUNE_DATA``, system folders, the cache).
+        data_dir: the folder to read; when given, the only place looked in (missing files raise
+            ``FileNotFoundError`` naming it). Without it: ``$SFWPRUNE_DATA``, system folders,
+            the cache. The folder and a content hash end up in ``Dataset.source``.
         download: allow a download into the cache when no local copy is found.
         image_size: side length for datasets that resize (tiny-imagenet: 32 default, or 64;
             synthetic); others accept only their native size.
@@ -49,8 +89,7 @@ def load_dataset(
         >>> ds.train_x.shape[0], ds.test_x.shape[0], ds.num_classes
         (100, 20, 3)
     """
-    if name not in _LOADERS:
-        raise ValueError(f"Invalid dataset: {name!r} (expected one of {', '.join(DATASETS)})")
+    _check_name(name)
     check_limit(limit)
     return _LOADERS[name](
         data_dir=data_dir, download=download, image_size=image_size, limit=limit, **options

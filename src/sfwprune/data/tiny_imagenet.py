@@ -23,7 +23,15 @@ import torch
 
 from .._io import atomic_torch_save, safe_torch_load
 from .dataset import Dataset, check_limit, make_dataset, num_test_kept
-from .paths import DATA_ENV, cache_dir, describe_search, search_roots
+from .paths import (
+    DATA_DIR_LABEL,
+    DATA_ENV,
+    cache_dir,
+    describe_search,
+    explicit_dir_error,
+    search_roots,
+)
+from .source import DataSource, hash_listing
 
 FOLDER = "tiny-imagenet-200"
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -46,6 +54,8 @@ def locate(data_dir: str | os.PathLike | None = None) -> Path:
         folder, why = _find_folder(root)
         if folder is not None:
             return folder
+        if label == DATA_DIR_LABEL:
+            raise explicit_dir_error("Tiny-ImageNet", root, why)
         tried.append((label, root, why))
     raise FileNotFoundError(
         "Tiny-ImageNet not found. Looked in:\n"
@@ -128,6 +138,19 @@ def _fingerprint(folder: Path, samples: list[tuple[Path, int]], size: int) -> st
     return digest.hexdigest()[:20]
 
 
+def _source(folder: Path, train: list[tuple[Path, int]], val: list[tuple[Path, int]]) -> DataSource:
+    texts = [folder / "wnids.txt", folder / "val" / "val_annotations.txt"]
+    return hash_listing(folder, texts, [p for p, _ in train + val])
+
+
+def resolve_source(data_dir: str | os.PathLike | None = None, **_: object) -> DataSource:
+    """The :class:`DataSource` a load would read: the folder, and a hash of ``wnids.txt``,
+    ``val_annotations.txt`` and every image's name and size."""
+    folder = locate(data_dir)
+    _, train, val = list_samples(folder)
+    return _source(folder, train, val)
+
+
 def load_tiny_imagenet(
     *,
     data_dir: str | os.PathLike | None = None,
@@ -155,7 +178,7 @@ def load_tiny_imagenet(
     limit = check_limit(limit)
     folder = locate(data_dir)
     wnids, train, val = list_samples(folder)
-    source = str(folder)
+    source = _source(folder, train, val)
     if limit is not None:
         train, val = train[:limit], val[: num_test_kept(limit)]
         cache = False
@@ -166,7 +189,7 @@ def load_tiny_imagenet(
     if cached is not None and cached.is_file():
         blob = safe_torch_load(cached)
         train_xy, val_xy = (blob["train_x"], blob["train_y"]), (blob["test_x"], blob["test_y"])
-        source = f"{folder} (decoded cache {cached})"
+        source = DataSource(source.path, source.sha256, source.files, f"decoded cache {cached}")
     else:
         train_xy, val_xy = _decode(train, size), _decode(val, size)
         if cached is not None:
