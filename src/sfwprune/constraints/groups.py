@@ -14,14 +14,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from .base import ConstraintSet, check_positive
+from .group_k_sparse import GroupKSparsePolytope
 from .k_sparse import KSparsePolytope
 from .k_support import KSupportNormBall
 from .lp_ball import LpBall
+from .n_m import NMSparsePolytope, check_n_m
 from .unconstrained import Unconstrained
 
-KINDS = ("k_sparse", "l1", "l2", "linf", "lp", "k_support", "unconstrained")
+KINDS = ("k_sparse", "l1", "l2", "linf", "lp", "k_support", "n_m", "channel", "unconstrained")
+# Kinds whose groups of entries follow a weight's rows: they need ``group_size`` as well as ``k``.
+STRUCTURED_KINDS = ("n_m", "channel")
 MODES = ("initialization", "radius", "diameter")
 _P_OF = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 
@@ -42,14 +47,24 @@ def make_constraint(
     p: float | None = None,
     radius: float | None = None,
     l2_diameter: float | None = None,
+    group_size: int | None = None,
 ) -> ConstraintSet:
     """Build a set from plain values, e.g. ``make_constraint("k_sparse", 100, k=5, radius=0.1)``.
 
-    ``kind`` is one of :data:`KINDS`; ``l1``/``l2``/``linf`` are L_p balls with that p.
+    ``kind`` is one of :data:`KINDS`; ``l1``/``l2``/``linf`` are L_p balls with that p;
+    ``n_m`` (N = ``k``, M = ``group_size``) and ``channel`` (``k`` groups of ``group_size``
+    entries) are the structured sets of :mod:`.n_m` and :mod:`.group_k_sparse`.
     """
     check_kind(kind)
     if kind == "unconstrained":
         return Unconstrained(n)
+    if kind in STRUCTURED_KINDS:
+        if k is None or group_size is None:
+            raise ValueError(
+                f"Invalid {kind} set: k={k!r}, group_size={group_size!r} (it needs both)"
+            )
+        cls = NMSparsePolytope if kind == "n_m" else GroupKSparsePolytope
+        return cls(n, k, group_size, radius, l2_diameter=l2_diameter)
     if kind in ("k_sparse", "k_support"):
         if k is None:
             raise ValueError(f"Invalid k: None (the {kind} set needs k)")
@@ -68,6 +83,7 @@ def constraint_from_group(group: Mapping[str, Any], n: int) -> ConstraintSet:
         k=group.get("k"),
         p=group.get("p"),
         radius=group.get("radius"),
+        group_size=group.get("group_size"),
     )
 
 
@@ -142,6 +158,8 @@ def constraint_groups(
     mode: str = "initialization",
     include: IncludeFn | str | None = None,
     p: float | None = None,
+    n: int = 2,
+    m: int = 4,
 ) -> list[dict[str, Any]]:
     """One SFW param group per parameter tensor, each with its constraint set; moves params inside.
 
@@ -158,6 +176,20 @@ def constraint_groups(
         value, mode: the set's size, see above.
         include: which tensors get ``kind``; the rest are unconstrained. ``None``/``"all"``,
             ``"weights"`` (tensors of dim >= 2), or ``fn(name, param) -> bool``.
+        n, m: N and M of ``kind="n_m"``.
+
+    Structured kinds (REFERENCE §9) apply to the weights of ``nn.Linear`` / conv layers, with
+    their rows (``weight.reshape(out, -1)``) as the unit; every other included tensor (biases,
+    BatchNorm parameters, and the weights the structured set does not fit) gets the K-sparse set,
+    sized as above:
+
+    - ``"n_m"``: the N:M polytope on each weight whose row length is a multiple of ``m``
+      (groups of ``m`` consecutive entries of a row), ``τ`` from ``D = 2τ√(N·numel/M)``.
+    - ``"channel"``: the group K-sparse polytope over output units on each weight except the
+      model's output layer (the last Linear/conv in ``model.modules()`` order, whose units are
+      the classes and never pruned); ``K = max(1, round(k_frac · out))`` groups, capped at
+      ``out`` (``k_min`` is not applied: layers with 6 filters would otherwise be unconstrained
+      in K), ``τ`` from ``D = 2τ√K``.
 
     Example:
         >>> groups = constraint_groups(model, "k_sparse", k_frac=0.05, value=15)
@@ -171,8 +203,12 @@ def constraint_groups(
         raise ValueError(f"Invalid k_frac: {k_frac!r} (expected a number in (0, 1])")
     if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
         raise ValueError(f"Invalid k_min: {k_min!r} (expected an integer >= 1)")
+    if kind == "n_m":
+        check_n_m(n, m)
     chosen = _include_fn(include)
     init_norms = expected_init_norms(model) if mode == "initialization" else {}
+    layers = [mod for mod in model.modules() if isinstance(mod, (nn.Linear, _ConvNd))]
+    output_layer = layers[-1] if layers else None
 
     groups: list[dict[str, Any]] = []
     for name, (module, attr) in _owner_modules(model).items():
@@ -181,11 +217,13 @@ def constraint_groups(
             continue
         numel = param.numel()
         this_kind = kind if chosen(name, param) else "unconstrained"
-        k = (
-            k_from_fraction(numel, k_frac, k_min)
-            if this_kind in ("k_sparse", "k_support")
-            else None
-        )
+        k = group_size = None
+        if this_kind in STRUCTURED_KINDS:
+            this_kind, k, group_size = _structured_set(
+                kind, module, attr, output_layer, numel, k_frac=k_frac, n=n, m=m
+            )
+        if this_kind in ("k_sparse", "k_support"):
+            k = k_from_fraction(numel, k_frac, k_min)
         size: dict[str, float] = {}
         if this_kind != "unconstrained":
             if mode == "initialization":
@@ -194,8 +232,32 @@ def constraint_groups(
                 size["l2_diameter"] = value
             else:
                 size["radius"] = value
-        cset = make_constraint(this_kind, numel, k=k, p=p, **size)
+        cset = make_constraint(this_kind, numel, k=k, p=p, group_size=group_size, **size)
         with torch.no_grad():
             param.copy_(cset.shift_inside(param))
         groups.append({"params": [param], "name": name, **cset.to_group()})
     return groups
+
+
+def _structured_set(
+    kind: str,
+    module: nn.Module,
+    attr: str,
+    output_layer: nn.Module | None,
+    numel: int,
+    *,
+    k_frac: float,
+    n: int,
+    m: int,
+) -> tuple[str, int | None, int | None]:
+    """``(kind, k, group_size)`` for one tensor under a structured kind; ``k_sparse`` where the
+    structured set does not apply (see :func:`constraint_groups`)."""
+    if attr != "weight" or not isinstance(module, (nn.Linear, _ConvNd)):
+        return "k_sparse", None, None
+    out = module.weight.shape[0]
+    row = numel // out
+    if kind == "n_m":
+        return ("n_m", n, m) if row % m == 0 else ("k_sparse", None, None)
+    if module is output_layer:
+        return "k_sparse", None, None
+    return "channel", min(out, max(1, round(k_frac * out))), row
