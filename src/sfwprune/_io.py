@@ -25,6 +25,7 @@ import pickletools
 import re
 import stat
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -182,12 +183,40 @@ def _pickle_globals(path: Path, limit: int = 1 << 26) -> list[str]:
     return names
 
 
+def _check_zip_bounds(path: Path) -> None:
+    """Refuse a zip-format tensor file whose entries would inflate beyond the file's own size.
+
+    ``torch.save`` stores every entry uncompressed, so the bytes torch reads are bounded by the
+    file size; a compressed (possibly bomb-like) entry is refused before torch inflates it.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (legacy format) or broken: torch.load reports it
+    size = path.stat().st_size
+    inflated = 0
+    for info in infos:
+        inflated += info.file_size
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size > info.compress_size:
+            raise ValueError(
+                f"Invalid file: {str(path)!r} (entry {info.filename!r} is compressed to inflate "
+                f"to {info.file_size} bytes; torch.save files store entries uncompressed)"
+            )
+    if inflated > size:
+        raise ValueError(
+            f"Invalid file: {str(path)!r} (its entries claim {inflated} bytes, more than the "
+            f"{size}-byte file)"
+        )
+
+
 def safe_torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with one clear error for missing, empty, truncated
     or code-carrying files.
 
     A file whose pickle would import a class or call a function (``os.system``, a custom
-    ``__reduce__`` ...) is refused before anything in it runs.
+    ``__reduce__`` ...) is refused before anything in it runs, and so is a zip entry that would
+    inflate (``torch.save`` never compresses), so reading never takes more than the file's size.
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
@@ -198,6 +227,7 @@ def safe_torch_load(path: PathLike, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"Invalid file: {str(path)!r} (no such file)")
     if path.stat().st_size == 0:
         raise ValueError(f"Invalid file: {str(path)!r} (it is empty)")
+    _check_zip_bounds(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

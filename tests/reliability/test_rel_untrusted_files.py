@@ -206,3 +206,70 @@ def test_cifar_refuses_non_latin1_codec(tmp_path) -> None:
     path.write_bytes(raw)
     with pytest.raises(ValueError, match="Invalid pickle file"):
         safe_unpickle(path)
+
+
+# --- bounded reads: nothing inflates beyond what the header promises -------------------------
+
+
+def _bomb(method: str, size: int) -> torch.Tensor:
+    """``size`` zero bytes compressed: a few hundred KB that would inflate to ``size``."""
+    import lzma
+    import zlib
+
+    packer = zlib.compressobj(9) if method == "zlib" else lzma.LZMACompressor(preset=1)
+    chunk = bytes(1 << 20)
+    parts = [packer.compress(chunk) for _ in range(size >> 20)] + [packer.flush()]
+    return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    ("method", "field", "size"),
+    [("zlib", "mask", 200 << 20), ("zlib", "values", 200 << 20), ("lzma", "mask", 24 << 20)],
+)
+def test_load_pruned_zip_bomb_is_refused_in_bounded_memory(tmp_path, method, field, size) -> None:
+    import tracemalloc
+
+    model = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    obj = torch.load(
+        save_pruned(model, tmp_path / "good.pt", compression=method), weights_only=True
+    )
+    obj[field] = _bomb(method, size)
+    bomb = tmp_path / "bomb.pruned.pt"
+    bomb.write_bytes(_torch_bytes(obj))
+    assert bomb.stat().st_size < size / 50  # small file, huge inflation
+    before = [p.detach().clone() for p in model.parameters()]
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"{field} inflates to more than the .* bytes"):
+            load_pruned(bomb, model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak  # the model is ~50k params; nothing near the bomb's size
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_load_pruned_short_stream_is_refused(tmp_path) -> None:
+    import zlib
+
+    model = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    obj = torch.load(save_pruned(model, tmp_path / "good.pt"), weights_only=True)
+    obj["mask"] = torch.frombuffer(bytearray(zlib.compress(b"\xff" * 10)), dtype=torch.uint8)
+    (tmp_path / "short.pt").write_bytes(_torch_bytes(obj))
+    with pytest.raises(ValueError, match=r"corrupt data: mask has 10 bytes, expected \d+"):
+        load_pruned(tmp_path / "short.pt", model)
+
+
+def test_safe_torch_load_refuses_compressed_zip_entries(tmp_path) -> None:
+    import zipfile
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(1 << 16)}, good)
+    assert _io.safe_torch_load(good)["w"].numel() == 1 << 16
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(deflated, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    assert deflated.stat().st_size < good.stat().st_size / 10
+    with pytest.raises(ValueError, match=r"Invalid file: .*deflated.pt.* is compressed to inflate"):
+        _io.safe_torch_load(deflated)

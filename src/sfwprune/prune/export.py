@@ -39,12 +39,34 @@ def _compress(data: bytes, method: str) -> Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def _decompress(blob: Tensor, method: str, path: PathLike) -> bytes:
+def _decompress(blob: Tensor, method: str, size: int, what: str, path: PathLike) -> bytes:
+    """Inflate ``blob`` to exactly ``size`` bytes, never more: the output is capped at ``size``
+    while inflating, so a small file claiming little but inflating to gigabytes (a "zip bomb")
+    costs at most ``size`` bytes of memory before it is refused."""
+    if not isinstance(blob, Tensor) or blob.dtype != torch.uint8 or blob.dim() != 1:
+        raise ValueError(f"Invalid file: {str(path)!r} (corrupt {what}: not a byte tensor)")
+    data = blob.numpy().tobytes()
     try:
-        data = blob.numpy().tobytes()
-        return zlib.decompress(data) if method == "zlib" else lzma.decompress(data)
-    except (zlib.error, lzma.LZMAError, TypeError, AttributeError) as exc:
-        raise ValueError(f"Invalid file: {str(path)!r} (corrupt data: {exc})") from None
+        if method == "zlib":
+            inflater = zlib.decompressobj()
+            out = inflater.decompress(data, size + 1)
+            more, done = bool(inflater.unconsumed_tail), inflater.eof
+        else:
+            unxz = lzma.LZMADecompressor()
+            out = unxz.decompress(data, size + 1)
+            more, done = not unxz.needs_input and not unxz.eof, unxz.eof
+    except (zlib.error, lzma.LZMAError) as exc:
+        raise ValueError(f"Invalid file: {str(path)!r} (corrupt data in {what}: {exc})") from None
+    if len(out) > size or more:
+        raise ValueError(
+            f"Invalid file: {str(path)!r} ({what} inflates to more than the {size} bytes its "
+            "header implies; refused)"
+        )
+    if len(out) < size or not done:
+        raise ValueError(
+            f"Invalid file: {str(path)!r} (corrupt data: {what} has {len(out)} bytes, expected {size})"
+        )
+    return out
 
 
 def _shuffle(values: Tensor) -> bytes:
@@ -187,15 +209,17 @@ def load_pruned(path: PathLike, model: nn.Module) -> nn.Module:
     )
     dtype = DTYPES[obj["dtype"]]
     total = sum(p.numel() for p in params.values())
-    packed = np.frombuffer(_decompress(obj["mask"], obj["compression"], path), dtype=np.uint8)
-    values = _unshuffle(_decompress(obj["values"], obj["compression"], path), dtype)
-    if packed.size != (total + 7) // 8:
-        raise ValueError(f"Invalid file: {str(path)!r} (mask has {packed.size} bytes)")
+    # every inflation is bounded by what the names/shapes (checked against the model) imply:
+    # the mask by ceil(total/8) bytes, the values by (bits set in the mask) · itemsize
+    packed = np.frombuffer(
+        _decompress(obj["mask"], obj["compression"], (total + 7) // 8, "mask", path),
+        dtype=np.uint8,
+    )
     mask = torch.from_numpy(np.unpackbits(packed, count=total).astype(bool))
-    if int(mask.sum()) != values.numel():
-        raise ValueError(
-            f"Invalid file: {str(path)!r} ({int(mask.sum())} mask bits vs {values.numel()} values)"
-        )
+    nnz = int(mask.sum())
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = _decompress(obj["values"], obj["compression"], nnz * itemsize, "values", path)
+    values = _unshuffle(raw, dtype)
     flat = torch.zeros(total, dtype=dtype)
     flat[mask] = values
     with torch.no_grad():
