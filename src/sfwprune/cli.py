@@ -24,70 +24,23 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: {message}")
 
 
-def _sparsities(text: str) -> list[float]:
-    from .experiments.config import parse_sparsities
+def _arg(check):
+    """An argparse ``type`` from one of :mod:`sfwprune._checks`' parsers (message kept)."""
 
-    try:
-        return parse_sparsities(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    def convert(text: str):
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-
-def _sparsity(text: str) -> float:
-    values = _sparsities(text)
-    if len(values) != 1:
-        raise argparse.ArgumentTypeError(f"Invalid sparsity: {text!r} (expected one number)")
-    return values[0]
-
-
-def _rescale(text: str) -> str | None:
-    if text not in ("gradient", "diameter", "none"):
-        raise argparse.ArgumentTypeError(
-            f"Invalid rescale: {text!r} (expected gradient, diameter or none)"
-        )
-    return None if text == "none" else text
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    # default=None everywhere: only flags the user gave override the config file / defaults.
-    add = p.add_argument
-    add("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
-    add("--dataset", help="fashion-mnist | cifar10 | tiny-imagenet | digits | synthetic")
-    add("--model", help="lenet300 | lenet5 | lenet5bn | resnet18 | vgg16")
-    add("--optimizer", help="sfw | sgd")
-    add("--epochs", type=int)
-    add("--batch-size", type=int)
-    add("--lr", type=float, help="default 1.0 for sfw, 0.1 for sgd")
-    add("--momentum", type=float)
-    add("--weight-decay", type=float, help="sgd only (default 5e-4)")
-    add("--schedule", help="step (÷10 at 1/3 and 2/3) | cosine | constant")
-    add("--constraint", help="k_sparse | k_support | l1 | l2 | linf | unconstrained (sfw)")
-    add("--k-frac", type=float, help="K = max(k_min, k_frac·numel) (default 0.05)")
-    add("--k-min", type=int)
-    add("--value", type=float, help="set size: L2 diameter = 2·value·E||θ_init|| (default 15)")
-    add("--mode", help="initialization | radius | diameter")
-    add("--rescale", type=_rescale, default=argparse.SUPPRESS, help="gradient | diameter | none")
-    add("--constrain", help="all | weights: which tensors SFW constrains")
-    add("--sfw-init", action="store_const", const=True, help="learn the init scales (SFW-Init)")
-    add("--sfw-init-iters", type=int)
-    add("--data-dir", help="folder holding the dataset's files")
-    add("--augment", action=argparse.BooleanOptionalAction, help="random crop + flip")
-    add("--limit", type=int, help="use only the first N training images (quick runs)")
-    add("--image-size", type=int)
-    add("--seed", type=int)
-    add("--device", help="auto | cpu | cuda[:N]")
-    add("--precision", help="fp32 | bf16 (autocast)")
-
-
-_TRAIN_FIELDS = (
-    "dataset", "model", "optimizer", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-    "schedule", "constraint", "k_frac", "k_min", "value", "mode", "rescale", "constrain",
-    "sfw_init", "sfw_init_iters", "data_dir", "augment", "limit", "image_size", "seed", "device",
-    "precision",
-)  # fmt: skip
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._checks import parse_sparsities, parse_sparsity
+    from .experiments.config import TrainConfig
+    from .experiments.flags import add_flags
+
     parser = _Parser(
         prog="sfwprune",
         description="Train with Stochastic Frank-Wolfe, prune to any sparsity in one shot.",
@@ -100,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
-    _add_train_args(p)
+    p.add_argument(
+        "--config", type=Path, help="JSON file of TrainConfig fields (flags override it)"
+    )
+    add_flags(p, TrainConfig)
 
     p = sub.add_parser("sweep", help="accuracy at each sparsity, no retraining")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--sparsities", type=_sparsities, help="comma-separated, e.g. 0,0.5,0.9")
+    p.add_argument(
+        "--sparsities", type=_arg(parse_sparsities), help="comma-separated, e.g. 0,0.5,0.9"
+    )
     p.add_argument("--scope", default="global", help="global | layer")
     p.add_argument("--include", default="weights", help="weights | all")
     p.add_argument("--criterion", default="magnitude", help="magnitude | random")
@@ -114,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a run once and export it compactly")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--sparsity", type=_sparsity, required=True)
+    p.add_argument("--sparsity", type=_arg(parse_sparsity), required=True)
     p.add_argument("--out", type=Path, required=True, help="output file (.pt)")
     p.add_argument("--scope", default="global", help="global | layer")
     p.add_argument("--include", default="weights", help="weights | all")
@@ -141,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-explore", action="store_true", help="skip the best-variant search")
     p.add_argument("--variants", help="comma-separated candidate names for the best variant")
     p.add_argument("--best-from", help="reuse MODEL's selected best variant (with --no-explore)")
+    p.add_argument(
+        "--allow-mixed-revisions",
+        action="store_true",
+        help="finish a grid whose runs were made by another code revision",
+    )
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     p.add_argument("--no-report", action="store_true", help="run the grid, skip RESULTS.md")
     p.add_argument("--results", type=Path, default=Path("RESULTS.md"))
@@ -156,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace):
     from .experiments.config import TrainConfig
+    from .experiments.flags import given
     from .experiments.runner import CONFIG_FILE, read_config
 
     if args.config is not None:
@@ -164,8 +128,7 @@ def _train_config(args: argparse.Namespace):
         cfg = read_config(args.out)
     else:
         cfg = TrainConfig()
-    overrides = {f: getattr(args, f) for f in _TRAIN_FIELDS if getattr(args, f, None) is not None}
-    return cfg.replace(**overrides)
+    return cfg.replace(**given(args, TrainConfig))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -202,87 +165,33 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-_DTYPES = {"float32", "float16", "bfloat16"}
-
-
 def _cmd_prune(args: argparse.Namespace) -> int:
-    import torch
+    from .experiments.prune import prune_run
 
-    from .experiments.runner import load_trained, test_loader
-    from .experiments.sweep import SweepConfig, calibration_batches
-    from .prune import format_report, prune_, recalibrate_bn, save_pruned, sparsity_report
-    from .train import evaluate
-
-    if args.dtype not in _DTYPES:
-        raise ValueError(
-            f"Invalid dtype: {args.dtype!r} (expected one of {', '.join(sorted(_DTYPES))})"
-        )
-    if not args.out.parent.is_dir():
-        raise FileNotFoundError(f"Invalid --out: {str(args.out)!r} (folder does not exist)")
-    cfg, model, data = load_trained(args.run_dir)
-    device = next(model.parameters()).device
-    prune_(model, args.sparsity, scope=args.scope, include=args.include)
-    if args.bn_recalibrate:
-        recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
-    test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
-    save_pruned(model, args.out, dtype=getattr(torch, args.dtype))
-    print(format_report(sparsity_report(model, input_shape=data.input_shape)))
+    result = prune_run(
+        args.run_dir, args.sparsity, args.out, scope=args.scope, include=args.include,
+        dtype=args.dtype, bn_recalibrate=args.bn_recalibrate,
+    )  # fmt: skip
+    print(result.report)
     print(
-        f"test accuracy at {100 * args.sparsity:g}% sparsity: {test['accuracy']:.2f}% -> wrote {args.out}"
+        f"test accuracy at {100 * result.sparsity:g}% sparsity: {result.accuracy:.2f}% "
+        f"-> wrote {result.out}"
     )
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from .experiments.prune import plot_runs
 
-    from .experiments.plots import plot_accuracy_vs_sparsity, plot_weight_histograms
-    from .experiments.runner import load_trained, read_config
-    from .experiments.sweep import sweep_file_name
-
-    labels = []
-    for run_dir in args.run_dirs:
-        cfg = read_config(run_dir)
-        labels.append(f"{cfg.optimizer.upper()} {cfg.model}")
-    if len(set(labels)) < len(labels):
-        labels = [f"{lab} ({Path(d).name})" for lab, d in zip(labels, args.run_dirs)]
-    if args.weights:
-        models = [(lab, load_trained(d, device="cpu")[1]) for lab, d in zip(labels, args.run_dirs)]
-        out = plot_weight_histograms(models, args.out)
-    else:
-        curves = []
-        for lab, run_dir in zip(labels, args.run_dirs):
-            path = Path(run_dir) / f"{sweep_file_name(args.tag)}.json"
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"Invalid run folder: {str(run_dir)!r} (no {path.name}; run `sfwprune sweep {run_dir}` first)"
-                )
-            curves.append((lab, _sweep_rows(path)))
-        out = plot_accuracy_vs_sparsity(curves, args.out)
+    out = plot_runs(list(args.run_dirs), args.out, weights=args.weights, tag=args.tag)
     print(f"wrote {out}")
     return 0
-
-
-def _sweep_rows(path: Path) -> list:
-    """The ``rows`` of a sweep file; ``ValueError`` naming the file when it is not one."""
-    import json
-
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"Invalid sweep file: {str(path)!r} (not a sweep result: {type(exc).__name__})"
-        ) from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"Invalid sweep file: {str(path)!r} (its rows are not a list of rows)")
-    return rows
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .experiments.demo import DEMO_EPOCHS, run_demo
 
     epochs = DEMO_EPOCHS if args.epochs is None else args.epochs
-    if epochs < 1:
-        raise ValueError(f"Invalid epochs: {epochs!r} (expected an integer >= 1)")
     run_demo(args.out, epochs=epochs, data_dir=args.data_dir, quiet=args.quiet)
     return 0
 
@@ -297,6 +206,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             seeds=args.seeds, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
             data_dir=args.data_dir, device=args.device, jobs=args.jobs,
             explore=not args.no_explore, limit=args.limit, best_from=args.best_from,
+            allow_mixed_revisions=args.allow_mixed_revisions,
             **({"variants": tuple(args.variants.split(","))} if args.variants else {}),
         )  # fmt: skip
         run_reproduce(rc, args.out, log=(lambda s: None) if args.quiet else print)
@@ -315,6 +225,9 @@ _COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 bad input, 1 training failure)."""
     try:
+        from .experiments.provenance import record_start
+
+        record_start()  # the code revision this process runs, before anything can change it
         args = build_parser().parse_args(argv)
         if args.threads is not None:
             if args.threads < 1:

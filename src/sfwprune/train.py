@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import option
 from .constraints import constraint_groups
+from .constraints.groups import KINDS, MODES
 from .optim import SFW
 from .optim.finite import finite_flags
+from .optim.sfw import RESCALES
 
 Tensor = torch.Tensor
 OPTIMIZERS = ("sfw", "sgd")
@@ -31,21 +34,39 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the weights were not updated by that step."""
 
 
+#: Which tensors SFW constrains: every parameter, or the weights (dim >= 2) alone.
+CONSTRAINED_TENSORS = ("all", "weights")
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """What :func:`build_optimizer` needs; every field has the paper's default."""
+    """What :func:`build_optimizer` needs; every field has the paper's default (docs/algorithm.md).
 
-    name: str = "sfw"
-    lr: float | None = None  # None: 1.0 for sfw, 0.1 for sgd
-    momentum: float = 0.9
-    weight_decay: float | None = None  # None: 5e-4 for sgd (sfw takes none)
-    constraint: str = "k_sparse"
-    k_frac: float = 0.05
-    k_min: int = 10
-    value: float = 15.0
-    mode: str = "initialization"
-    rescale: str | None = "gradient"
-    constrain: str = "all"  # which tensors get the set: "all" or "weights" (dim >= 2)
+    Each field is one CLI flag of ``sfwprune train`` (``name`` is ``--optimizer``); the older
+    config keys ``value``, ``mode`` and ``constrain`` still load as their aliases.
+    """
+
+    name: str = option("sfw", "optimizer", choices=OPTIMIZERS, flag="optimizer")
+    lr: float | None = option(None, "learning rate (default 1.0 for sfw, 0.1 for sgd)",
+                              low=0, low_open=True)  # fmt: skip
+    momentum: float = option(0.9, "momentum", low=0, high=1, high_open=True)
+    weight_decay: float | None = option(None, "sgd only (default 5e-4); sfw refuses it", low=0)
+    constraint: str = option("k_sparse", "the set each constrained tensor lives in (sfw)",
+                             choices=KINDS)  # fmt: skip
+    k_frac: float = option(0.05, "K = max(k_min, k_frac·numel) for k_sparse / k_support",
+                           low=0, high=1, low_open=True)  # fmt: skip
+    k_min: int = option(10, "smallest K of a tensor", low=1)
+    radius_scale: float = option(
+        15.0, "set size: with radius_from=initialization, L2 diameter = 2·radius_scale·"
+        "E||θ_init||; otherwise the radius or diameter itself", low=0, low_open=True,
+        aliases=("value",),
+    )  # fmt: skip
+    radius_from: str = option("initialization", "how radius_scale sizes each set",
+                              choices=MODES, aliases=("mode",))  # fmt: skip
+    rescale: str | None = option("gradient", "step-size rescaling (none: plain lr)",
+                                 choices=RESCALES)  # fmt: skip
+    constrained_tensors: str = option("all", "which tensors SFW constrains: all | weights (dim>=2)",
+                                      choices=CONSTRAINED_TENSORS, aliases=("constrain",))  # fmt: skip
 
 
 def default_lr(name: str) -> float:
@@ -70,8 +91,8 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
             f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)"
         )
     groups = constraint_groups(
-        model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.value,
-        mode=spec.mode, include=spec.constrain,
+        model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.radius_scale,
+        mode=spec.radius_from, include=spec.constrained_tensors,
     )  # fmt: skip
     # train_epoch checks loss and gradients before every step, so the optimizer's own check
     # (a second pass over the gradients) is switched off here.
@@ -174,6 +195,23 @@ def _check_finite(loss: Tensor, model: nn.Module, epoch: int, step: int) -> None
         )
 
 
+ForwardBackward = Callable[[nn.Module, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def cross_entropy_step(precision: str = "fp32", label_smoothing: float = 0.0) -> ForwardBackward:
+    """The default ``forward_backward`` of :func:`train_epoch`: forward (under autocast),
+    cross-entropy, backward; returns ``(loss, logits)``."""
+
+    def forward_backward(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with autocast(x.device, precision):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+        loss.backward()
+        return loss, out
+
+    return forward_backward
+
+
 def train_epoch(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -184,26 +222,29 @@ def train_epoch(
     precision: str = "fp32",
     epoch: int = 0,
     on_batch: Callable[[int, float], None] | None = None,
+    label_smoothing: float = 0.0,
+    forward_backward: ForwardBackward | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches``; returns ``train_loss`` and ``train_accuracy`` (percent).
 
     ``masks`` (name -> bool keep mask) keep pruned weights at zero: gradients are masked before
-    the step and weights after it (the fine-tuning baseline). A non-finite loss raises
-    :class:`NonFiniteLossError` *before* the optimizer step, so the weights stay finite.
+    the step and weights after it (the fine-tuning baseline). The mapping is read at every
+    step, so a caller may change it in place between epochs. ``forward_backward(model, x, y)``
+    replaces the default :func:`cross_entropy_step` (it must leave the gradients in ``.grad``
+    and return ``(loss, logits)``). A non-finite loss raises :class:`NonFiniteLossError`
+    *before* the optimizer step, so the weights stay finite.
     """
     model.train()
     device = _device_of(model)
     named = dict(model.named_parameters())
+    step_fn = forward_backward or cross_entropy_step(precision, label_smoothing)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     for step, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, out = step_fn(model, x, y)
         _check_finite(loss, model, epoch, step)
         if masks:
             for name, mask in masks.items():
@@ -235,12 +276,30 @@ def fit(
     masks: Mapping[str, Tensor] | None = None,
     precision: str = "fp32",
     start_epoch: int = 0,
-    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    label_smoothing: float = 0.0,
+    on_epoch_start: Callable[[int], None] | None = None,
+    epoch_batches: Callable[[int, Iterable], Iterable] | None = None,
+    forward_backward: ForwardBackward | None = None,
+    after_train: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None,
+    evaluate_fn: Callable[[], dict[str, float]] | None = None,
+    on_epoch_end: Callable[[int, dict[str, Any]], bool | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train for epochs ``start_epoch .. epochs-1``; one metrics dict per epoch.
 
-    ``on_epoch_end(epoch, metrics)`` is where a caller checkpoints and logs (this module does no
-    file I/O). Example::
+    The one epoch loop of the package; callers plug in through hooks, in the order they run
+    in each epoch (``epoch`` counts from 0):
+
+    - ``on_epoch_start(epoch)``: timers, or a sparsity schedule changing ``masks`` in place;
+    - ``epoch_batches(epoch, train_batches)``: the iterable this epoch trains on (a progress
+      bar around it, say);
+    - ``forward_backward(model, x, y) -> (loss, logits)``: the per-batch loss and backward
+      (default :func:`cross_entropy_step`), e.g. a method that takes gradients elsewhere;
+    - ``after_train(epoch, metrics) -> metrics``: e.g. averaging over data-parallel ranks;
+    - ``evaluate_fn() -> {"accuracy", "loss"}``: replaces ``evaluate(model, eval_batches)``;
+    - ``on_epoch_end(epoch, metrics)``: checkpoint and log (this module does no file I/O);
+      returning ``True`` stops training after this epoch.
+
+    Example::
 
         opt = build_optimizer(model, OptimizerSpec("sfw"))
         fit(model, train_loader, opt, epochs=10, eval_batches=test_loader)
@@ -249,16 +308,26 @@ def fit(
         raise ValueError(f"Invalid epochs: {epochs!r} (expected an integer >= 1)")
     history = []
     for epoch in range(start_epoch, epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        batches = train_batches if epoch_batches is None else epoch_batches(epoch, train_batches)
         metrics: dict[str, Any] = {"epoch": epoch + 1}
         metrics.update(
-            train_epoch(model, train_batches, optimizer, scheduler, masks=masks,
-                        precision=precision, epoch=epoch)
+            train_epoch(model, batches, optimizer, scheduler, masks=masks, precision=precision,
+                        epoch=epoch, label_smoothing=label_smoothing,
+                        forward_backward=forward_backward)
         )  # fmt: skip
+        if after_train is not None:
+            metrics = after_train(epoch, metrics)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
-        if eval_batches is not None:
+        test = None
+        if evaluate_fn is not None:
+            test = evaluate_fn()
+        elif eval_batches is not None:
             test = evaluate(model, eval_batches, precision=precision)
+        if test is not None:
             metrics.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
         history.append(metrics)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+        if on_epoch_end is not None and on_epoch_end(epoch, metrics):
+            break
     return history

@@ -27,7 +27,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_train_writes_config_metrics_checkpoint(run_dir: Path) -> None:
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["config"]["optimizer"] == "sfw" and cfg["config"]["seed"] == 3
+    assert cfg["config"]["optimizer"]["name"] == "sfw" and cfg["config"]["seed"] == 3
     prov = cfg["provenance"]
     for key in ("git_revision", "versions", "device", "torch_threads", "created"):
         assert key in prov
@@ -112,13 +112,15 @@ def test_sgd_and_constraint_flags_recorded(tmp_path) -> None:
             "--schedule", "cosine", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())["config"]
-    assert cfg["optimizer"] == "sgd" and cfg["lr"] == 0.05 and cfg["schedule"] == "cosine"
+    opt = cfg["optimizer"]
+    assert opt["name"] == "sgd" and opt["lr"] == 0.05 and cfg["schedule"] == "cosine"
     out = tmp_path / "ksup"
     args = ["--quiet", "train", *TRAIN, "--epochs", "1", "--constraint", "k_support", "--k-frac",
-            "0.1", "--value", "5", "--rescale", "diameter", "--out", str(out)]  # fmt: skip
+            "0.1", "--radius-scale", "5", "--rescale", "diameter", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     cfg = json.loads((out / "config.json").read_text())["config"]
-    assert (cfg["constraint"], cfg["k_frac"], cfg["value"], cfg["rescale"]) == (
+    opt = cfg["optimizer"]
+    assert (opt["constraint"], opt["k_frac"], opt["radius_scale"], opt["rescale"]) == (
         "k_support",
         0.1,
         5.0,
@@ -131,9 +133,11 @@ def test_config_file_and_flag_override(tmp_path) -> None:
     conf.write_text(json.dumps({"dataset": "synthetic", "model": "lenet300", "epochs": 1, "limit": 128,
                                 "value": 7.0}))  # fmt: skip
     out = tmp_path / "r"
+    # an old flat --config file with the old key "value", and the old flag --value
     assert main(["--quiet", "train", "--config", str(conf), "--value", "9", "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())["config"]
-    assert cfg["value"] == 9.0 and cfg["epochs"] == 1
+    assert cfg["optimizer"]["radius_scale"] == 9.0 and cfg["epochs"] == 1
+    assert "value" not in cfg["optimizer"]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ def test_recipe_loads_with_paper_defaults(path: Path) -> None:
     cfg = TrainConfig.from_json(path)
     assert cfg.epochs == 180 and cfg.batch_size == 128 and cfg.schedule == "step"
     assert cfg.use_augment
-    if cfg.optimizer == "sfw":
-        assert (cfg.lr, cfg.k_frac, cfg.value, cfg.rescale) == (1.0, 0.05, 15.0, "gradient")
+    opt = cfg.optimizer
+    if opt.name == "sfw":
+        assert (opt.lr, opt.k_frac, opt.radius_scale, opt.rescale) == (1.0, 0.05, 15.0, "gradient")
     else:
-        assert (cfg.lr, cfg.weight_decay) == (0.1, 5e-4)
+        assert (opt.lr, opt.weight_decay) == (0.1, 5e-4)

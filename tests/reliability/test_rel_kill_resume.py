@@ -82,7 +82,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, child_env
 
     # The uninterrupted run, in this process (one thread, as the children), same config.
     cfg = read_config(run)
-    assert cfg == TrainConfig(**{**cfg.to_dict()})  # plain values: nothing lost in the JSON
+    assert cfg == TrainConfig.from_dict(cfg.to_dict())  # plain values: nothing lost in the JSON
     reference = train_run(cfg, tmp_path / "reference", quiet=True)
 
     final = load_checkpoint(run)

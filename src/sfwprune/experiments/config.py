@@ -7,89 +7,61 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..constraints.groups import KINDS, MODES
+from .._checks import check_fields, option
+from .._checks import parse_sparsities as parse_sparsities
 from ..data import DATASETS
 from ..models import MODELS
-from ..optim.sfw import RESCALES
-from ..train import OPTIMIZERS, PRECISIONS, SCHEDULES, OptimizerSpec
+from ..train import PRECISIONS, SCHEDULES, OptimizerSpec
 
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on. ``None`` means "the default for this choice"."""
+    """Everything a training run depends on. ``None`` means "the default for this choice".
 
-    dataset: str = "fashion-mnist"
-    model: str = "lenet300"
-    # optimizer fields: OptimizerSpec owns their defaults (REFERENCE §3)
-    optimizer: str = OptimizerSpec.name
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float | None = OptimizerSpec.lr
-    momentum: float = OptimizerSpec.momentum
-    weight_decay: float | None = OptimizerSpec.weight_decay
-    schedule: str = "step"
-    constraint: str = OptimizerSpec.constraint
-    k_frac: float = OptimizerSpec.k_frac
-    k_min: int = OptimizerSpec.k_min
-    value: float = OptimizerSpec.value
-    mode: str = OptimizerSpec.mode
-    rescale: str | None = OptimizerSpec.rescale
-    constrain: str = OptimizerSpec.constrain
-    sfw_init: bool = False
-    sfw_init_iters: int | None = None
-    # data and runtime
-    data_dir: str | None = None
-    augment: bool | None = None  # None: on for cifar10 / tiny-imagenet, off otherwise
-    limit: int | None = None
-    image_size: int | None = None
-    eval_batch_size: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "fp32"
+    This dataclass (with the :class:`~sfwprune.train.OptimizerSpec` it nests) is the schema:
+    the ``sfwprune train`` flags, their help, the checks and ``config.json`` all follow from
+    its fields. Configs written before the optimizer was nested (flat keys, ``value``,
+    ``mode``, ``constrain``) still load.
+    """
+
+    dataset: str = option("fashion-mnist", "dataset", choices=DATASETS)
+    model: str = option("lenet300", "network", choices=MODELS)
+    optimizer: OptimizerSpec = option(default_factory=OptimizerSpec, help="optimizer settings")
+    epochs: int = option(10, "passes over the training set", low=1)
+    batch_size: int = option(128, "global batch size (split over torchrun ranks)", low=1)
+    schedule: str = option("step", "per-step lr schedule: step (÷10 at 1/3 and 2/3), cosine "
+                           "or constant", choices=SCHEDULES)  # fmt: skip
+    sfw_init: bool = option(False, "learn the init scales first (SFW-Init)")
+    sfw_init_iters: int | None = option(None, "SFW-Init iterations (default: one epoch)", low=1)
+    data_dir: str | None = option(None, "folder holding the dataset's files")
+    augment: bool | None = option(None, "random crop + flip (default: on for cifar10 and "
+                                  "tiny-imagenet)")  # fmt: skip
+    limit: int | None = option(None, "use only the first N training images (quick runs)", low=1)
+    image_size: int | None = option(None, "resize images to this side", low=1)
+    eval_batch_size: int = option(1000, "batch size of evaluation", low=1)
+    seed: int = option(0, "seed of the initialization and the data order", low=0)
+    device: str = option("auto", "auto | cpu | cuda[:N]")
+    precision: str = option("fp32", "fp32 | bf16 (autocast)", choices=PRECISIONS)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, str):  # TrainConfig(optimizer="sgd"): the name alone
+            self.optimizer = OptimizerSpec(self.optimizer)
 
     def validate(self) -> TrainConfig:
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("schedule", self.schedule, SCHEDULES)
-        _choice("constraint", self.constraint, KINDS)
-        _choice("mode", self.mode, MODES)
-        _choice("rescale", self.rescale, RESCALES)
-        _choice("constrain", self.constrain, ("all", "weights"))
-        _choice("precision", self.precision, PRECISIONS)
-        for name in ("epochs", "batch_size", "eval_batch_size", "k_min"):
-            _int(name, getattr(self, name), 1)
-        _int("seed", self.seed, 0)
-        for name in ("limit", "sfw_init_iters", "image_size"):
-            if getattr(self, name) is not None:
-                _int(name, getattr(self, name), 1)
-        if self.lr is not None:
-            _number("lr", self.lr, 0.0, strict=True)
-        if self.weight_decay is not None:
-            _number("weight_decay", self.weight_decay, 0.0)
-        _number("value", self.value, 0.0, strict=True)
-        if not (0 < float(self.k_frac) <= 1):
-            raise ValueError(f"Invalid k_frac: {self.k_frac!r} (expected a number in (0, 1])")
-        if not 0 <= float(self.momentum) < 1:
-            raise ValueError(f"Invalid momentum: {self.momentum!r} (expected a number in [0, 1))")
+        check_fields(self)
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"Invalid device: {self.device!r} (expected auto, cpu or cuda[:N])")
         return self
 
     def optimizer_spec(self) -> OptimizerSpec:
-        return OptimizerSpec(
-            name=self.optimizer, lr=self.lr, momentum=self.momentum,
-            weight_decay=self.weight_decay, constraint=self.constraint, k_frac=self.k_frac,
-            k_min=self.k_min, value=self.value, mode=self.mode, rescale=self.rescale,
-            constrain=self.constrain,
-        )  # fmt: skip
+        return self.optimizer
 
     @property
     def use_augment(self) -> bool:
@@ -102,13 +74,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
+        """A validated config from a ``config.json``-style dict: nested (``"optimizer": {...}``)
+        or flat (the optimizer's keys at the top, older files), old key names included."""
+        if not isinstance(values, dict):
+            raise ValueError(f"Invalid config: {values!r} (expected a JSON object)")
+        top = dict(values)
+        nested = top.pop("optimizer", {})
+        if isinstance(nested, str):
+            nested = {"name": nested}
+        elif isinstance(nested, OptimizerSpec):
+            nested = dataclasses.asdict(nested)
+        elif not isinstance(nested, dict):
             raise ValueError(
-                f"Invalid config key: {unknown[0]!r} (expected keys: {', '.join(sorted(known))})"
+                f"Invalid optimizer: {nested!r} (expected a name or an object of optimizer settings)"
             )
-        return cls(**values).validate()
+        spec_keys = _keys(OptimizerSpec)
+        spec_keys.pop("name")  # flat files name the optimizer "optimizer"
+        opt = _typed(OptimizerSpec, _renamed(nested, _keys(OptimizerSpec), OptimizerSpec))
+        flat = {k: v for k, v in top.items() if k in spec_keys}  # flat keys of older files
+        opt.update(_typed(OptimizerSpec, _renamed(flat, spec_keys, OptimizerSpec)))
+        rest = _typed(cls, _renamed({k: v for k, v in top.items() if k not in spec_keys},
+                                    _keys(cls), cls))  # fmt: skip
+        return cls(**rest, optimizer=OptimizerSpec(**opt)).validate()
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
@@ -125,41 +112,49 @@ class TrainConfig:
         return cls.from_dict(values)
 
     def replace(self, **overrides: Any) -> TrainConfig:
-        return dataclasses.replace(self, **overrides).validate()
+        """A validated copy with ``overrides``: any field, optimizer fields included (flat)."""
+        base = self.to_dict()
+        if isinstance(overrides.get("optimizer"), str):  # --optimizer NAME keeps the settings
+            overrides["optimizer"] = {**base["optimizer"], "name": overrides["optimizer"]}
+        return TrainConfig.from_dict({**base, **overrides})
 
 
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        shown = ", ".join(str(a) for a in allowed)
-        raise ValueError(f"Invalid {name}: {value!r} (expected one of {shown})")
+def _keys(cls: type) -> dict[str, str]:
+    """Every accepted key of ``cls`` (field names and their aliases) -> field name."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        out[f.name] = f.name
+        for alias in f.metadata.get("aliases", ()):
+            out[alias] = f.name
+    return out
 
 
-def _int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
+def _renamed(values: dict[str, Any], keys: dict[str, str], cls: type) -> dict[str, Any]:
+    """Aliases renamed to their field names; an unknown key is an error naming the known ones."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in keys:
+            known = sorted(f.name for f in dataclasses.fields(cls))
+            if cls is TrainConfig:
+                known = sorted(set(known) | set(_field_names(OptimizerSpec)) - {"name"})
+            raise ValueError(f"Invalid config key: {key!r} (expected keys: {', '.join(known)})")
+        if keys[key] in out and key != keys[key]:
+            continue  # the new name wins over its old alias
+        out[keys[key]] = value
+    return out
 
 
-def _number(name: str, value: Any, low: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < low or (strict and value == low):
-        op = ">" if strict else ">="
-        raise ValueError(f"Invalid {name}: {value!r} (expected a number {op} {low:g})")
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
-def parse_sparsities(text: str) -> list[float]:
-    """``"0,0.5,0.9"`` -> ``[0.0, 0.5, 0.9]``; each in [0, 1]."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            s = float(item)
-        except ValueError:
-            raise ValueError(
-                f"Invalid sparsity: {item!r} (expected numbers in [0, 1], comma-separated)"
-            ) from None
-        if not 0.0 <= s <= 1.0:  # also refuses NaN
-            raise ValueError(f"Invalid sparsity: {s!r} (expected a number in [0, 1])")
-        out.append(s)
-    if not out:
-        raise ValueError(f"Invalid sparsities: {text!r} (expected at least one number)")
+def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """JSON numbers made to fit: an integer given for a float field becomes a float (so the
+    config reads back equal to itself); everything else is checked, not converted."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        hint = hints.get(name)
+        if hint in (float, float | None) and type(value) is int:
+            out[name] = float(value)
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
+from .._checks import check_int
 from .config import DEFAULT_SPARSITIES, TrainConfig
 from .plots import plot_accuracy_vs_sparsity, plot_weight_histograms
 from .provenance import provenance
@@ -50,6 +51,7 @@ def run_demo(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train (or reuse finished runs), sweep, tabulate and plot; returns the ``demo.json`` dict."""
+    check_int("epochs", epochs, 1)
     start = time.perf_counter()
     out = Path(out_dir)
     configs = demo_configs(epochs, data_dir)

@@ -16,6 +16,7 @@ Everything is resumable: finished pieces are skipped.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import json
 import multiprocessing
 import os
@@ -40,16 +41,18 @@ TRAINED_METHODS: dict[str, dict[str, Any]] = {
     "sfw_init": {"optimizer": "sfw", "sfw_init": True},
     "sfw_ksupport": {"optimizer": "sfw", "constraint": "k_support"},
 }
-# Candidates for the best SFW variant (REFERENCE §3 sweeps k_frac and value; we add the schedule).
+# Candidates for the best SFW variant (the paper sweeps k_frac and the radius scale, "value";
+# we add the schedule). Names keep the paper's "v" for radius_scale.
+# fmt: off
 VARIANTS: dict[str, dict[str, Any]] = {
     "kf0.01_v15": {"optimizer": "sfw", "k_frac": 0.01},
     "kf0.1_v15": {"optimizer": "sfw", "k_frac": 0.1},
-    "kf0.05_v5": {"optimizer": "sfw", "value": 5.0},
-    "kf0.05_v30": {"optimizer": "sfw", "value": 30.0},
+    "kf0.05_v5": {"optimizer": "sfw", "radius_scale": 5.0},
+    "kf0.05_v30": {"optimizer": "sfw", "radius_scale": 30.0},
     "kf0.05_v15_cos": {"optimizer": "sfw", "schedule": "cosine"},
-    "kf0.1_v30_cos": {"optimizer": "sfw", "k_frac": 0.1, "value": 30.0, "schedule": "cosine"},
-    "kf0.01_v30_cos": {"optimizer": "sfw", "k_frac": 0.01, "value": 30.0, "schedule": "cosine"},
-    "kf0.03_v30_cos": {"optimizer": "sfw", "k_frac": 0.03, "value": 30.0, "schedule": "cosine"},
+    "kf0.1_v30_cos": {"optimizer": "sfw", "k_frac": 0.1, "radius_scale": 30.0, "schedule": "cosine"},
+    "kf0.01_v30_cos": {"optimizer": "sfw", "k_frac": 0.01, "radius_scale": 30.0, "schedule": "cosine"},
+    "kf0.03_v30_cos": {"optimizer": "sfw", "k_frac": 0.03, "radius_scale": 30.0, "schedule": "cosine"},
     "ksup_kf0.1_v15_cos": {
         "optimizer": "sfw",
         "constraint": "k_support",
@@ -57,6 +60,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "schedule": "cosine",
     },
 }
+# fmt: on
 SCOPES = ("global", "layer")
 METHOD_ORDER = (
     "sgd", "sgd_random", "sgd_finetune", "sfw", "sfw_init", "sfw_ksupport", "sfw_best",
@@ -79,6 +83,7 @@ class ReproduceConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     limit: int | None = None
     best_from: str | None = None  # reuse this model's best.json instead of exploring
+    allow_mixed_revisions: bool = False  # finish a grid whose files come from other revisions
 
     def validate(self) -> ReproduceConfig:
         if self.seeds < 1 or self.epochs < 1 or self.jobs < 1 or self.finetune_epochs < 0:
@@ -97,10 +102,10 @@ class ReproduceConfig:
         return self
 
     def train_config(self, model: str, overrides: dict[str, Any], seed: int) -> TrainConfig:
-        return TrainConfig(
-            dataset=self.dataset, model=model, epochs=self.epochs, seed=seed,
-            data_dir=self.data_dir, device=self.device, limit=self.limit, **overrides,
-        ).validate()  # fmt: skip
+        return TrainConfig.from_dict({
+            "dataset": self.dataset, "model": model, "epochs": self.epochs, "seed": seed,
+            "data_dir": self.data_dir, "device": self.device, "limit": self.limit, **overrides,
+        })  # fmt: skip
 
 
 # ---------------------------------------------------------------- tasks (run in workers)
@@ -109,6 +114,9 @@ class ReproduceConfig:
 def _worker_init() -> None:
     import torch
 
+    from .provenance import record_start
+
+    record_start()
     torch.set_num_threads(int(os.environ.get("SFWPRUNE_WORKER_THREADS", "1")))
 
 
@@ -182,109 +190,142 @@ def finetune_levels(
     return out_file
 
 
-# ---------------------------------------------------------------- scheduling
+# ---------------------------------------------------------------- running the jobs
 
 
-@dataclass
-class _Task:
-    key: str
-    fn: Callable[..., Any]
-    args: tuple
-    deps: tuple[str, ...] = ()
-    then: Callable[[], list[_Task]] | None = None  # tasks to add once this one is done
+def _job(expected: str, allow_mixed: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in a worker, first checking the worker runs the grid's revision."""
+    from .provenance import git_revision, record_start
+
+    record_start()
+    if not allow_mixed and git_revision() != expected:
+        raise ValueError(
+            f"Invalid reproduce: a worker runs revision {git_revision()}, the grid {expected} "
+            "(the code changed while the grid ran; pass --allow-mixed-revisions to accept it)"
+        )
+    return fn(*args)
 
 
-def _execute(tasks: list[_Task], jobs: int, log: Callable[[str], None]) -> None:
-    """Run a DAG of tasks on ``jobs`` worker processes (in order of the list when ready)."""
-    pending = list(tasks)
-    done: set[str] = set()
-    if jobs == 1:  # in this process, same order and dependencies
-        while pending:
-            task = next((t for t in pending if all(d in done for d in t.deps)), None)
-            if task is None:
-                missing = {d for t in pending for d in t.deps} - done
-                raise RuntimeError(f"reproduce: unsatisfiable task dependencies {sorted(missing)}")
-            pending.remove(task)
-            task.fn(*task.args)
-            done.add(task.key)
-            log(f"done: {task.key}  ({len(done)} finished, {len(pending)} left)")
-            if task.then is not None:
-                pending.extend(task.then())
-        return
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
-        running: dict[cf.Future, _Task] = {}
-        while pending or running:
-            for task in [t for t in pending if all(d in done for d in t.deps)]:
-                if len(running) >= jobs:
-                    break
-                pending.remove(task)
-                running[pool.submit(task.fn, *task.args)] = task
-            if not running:
-                missing = {d for t in pending for d in t.deps} - done
-                raise RuntimeError(f"reproduce: unsatisfiable task dependencies {sorted(missing)}")
-            finished, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-            for fut in finished:
-                task = running.pop(fut)
-                fut.result()  # re-raise a worker's error here
-                done.add(task.key)
-                log(f"done: {task.key}  ({len(done)} finished, {len(pending) + len(running)} left)")
-                if task.then is not None:
-                    pending.extend(task.then())
+class _InProcess(cf.Executor):
+    """``jobs=1``: each job runs at ``submit``, in this process, in submission order."""
+
+    def submit(self, fn, /, *args, **kwargs):
+        future: cf.Future = cf.Future()
+        future.set_result(fn(*args, **kwargs))  # an error stops the grid at once
+        return future
+
+
+class _Grid:
+    """The grid's jobs on a :mod:`concurrent.futures` executor. A job is submitted once its
+    inputs exist: training runs (and their sweeps) first, a fine-tuning job when its SGD run is
+    done, the best-variant selection when every candidate of its model is done, and the
+    best variant's runs after that."""
+
+    def __init__(self, pool: cf.Executor, expected: str, allow_mixed: bool, log):
+        self.pool, self.expected, self.allow_mixed, self.log = pool, expected, allow_mixed, log
+        self.running: dict[cf.Future, tuple[str, Callable[[], None] | None]] = {}
+        self.finished = 0
+
+    def submit(self, key: str, fn: Callable[..., Any], *args: Any, then=None) -> None:
+        future = self.pool.submit(_job, self.expected, self.allow_mixed, fn, *args)
+        self.running[future] = (key, then)
+
+    def wait(self) -> None:
+        while self.running:
+            done, _ = cf.wait(list(self.running), return_when=cf.FIRST_COMPLETED)
+            for future in [f for f in self.running if f in done]:  # submission order
+                key, then = self.running.pop(future)
+                future.result()  # a job's error stops the grid here
+                self.finished += 1
+                self.log(f"done: {key}  ({self.finished} finished, {len(self.running)} running)")
+                if then is not None:
+                    then()
 
 
 def run_dir_of(out: Path, model: str, method: str, seed: int) -> Path:
     return out / model / method / f"seed{seed}"
 
 
-def plan(rc: ReproduceConfig, out: Path) -> list[_Task]:
-    """All tasks, in priority order: the selection runs (they gate method 7), then the methods."""
-    tasks: list[_Task] = []
+def _submit_all(grid: _Grid, rc: ReproduceConfig, out: Path) -> None:
+    """Every job of the grid, the selection runs first (they gate the best variant)."""
     sp = list(rc.sparsities)
     for model in rc.models if rc.explore else ():
-        keys = []
-        for name in ("sgd", "sfw", *rc.variants):
+        names = ("sgd", "sfw", *rc.variants)
+        left = set(names)
+
+        def candidate_done(name: str, model: str = model, left: set = left) -> None:
+            left.discard(name)
+            if not left:  # all candidates trained and swept: select, then train the winner
+                select_best(str(out), model, rc.variants)
+                _submit_best(grid, rc, out, model)
+
+        for name in names:
             overrides = TRAINED_METHODS.get(name) or VARIANTS[name]
             cfg = rc.train_config(model, overrides, SELECTION_SEED)
             run = out / model / "explore" / name / f"seed{SELECTION_SEED}"
-            keys.append(f"{model}/explore/{name}")
-            tasks.append(_Task(keys[-1], train_and_sweep, (cfg.to_dict(), str(run), sp, False)))
-        tasks.append(_Task(
-            f"{model}/select", select_best, (str(out), model, rc.variants), deps=tuple(keys),
-            then=(lambda model=model: _best_tasks(rc, out, model)),
-        ))  # fmt: skip
+            grid.submit(f"{model}/explore/{name}", train_and_sweep, cfg.to_dict(), str(run), sp,
+                        False, then=functools.partial(candidate_done, name))  # fmt: skip
     for model in rc.models:
         if not rc.explore and (out / model / "best.json").is_file():
-            tasks += _best_tasks(rc, out, model)
+            _submit_best(grid, rc, out, model)
+        ft_dir = out / model / "sgd_finetune"
+        ft_dir.mkdir(parents=True, exist_ok=True)
         for seed in range(rc.seeds):
             for method, overrides in TRAINED_METHODS.items():
                 run = run_dir_of(out, model, method, seed)
                 cfg = rc.train_config(model, overrides, seed)
-                tasks.append(_Task(f"{model}/{method}/seed{seed}", train_and_sweep,
-                                   (cfg.to_dict(), str(run), sp, method == "sgd")))  # fmt: skip
-            ft_dir = out / model / "sgd_finetune"
-            ft_dir.mkdir(parents=True, exist_ok=True)
-            tasks.append(_Task(
-                f"{model}/sgd_finetune/seed{seed}", finetune_levels,
-                (str(run_dir_of(out, model, "sgd", seed)), str(ft_dir / f"seed{seed}.json"), sp,
-                 rc.finetune_epochs, rc.finetune_lr),
-                deps=(f"{model}/sgd/seed{seed}",),
-            ))  # fmt: skip
-    return tasks
+                finetune = None
+                if method == "sgd":  # the fine-tuning baseline starts from this run
+                    finetune = functools.partial(
+                        grid.submit, f"{model}/sgd_finetune/seed{seed}", finetune_levels,
+                        str(run), str(ft_dir / f"seed{seed}.json"), sp, rc.finetune_epochs,
+                        rc.finetune_lr,
+                    )  # fmt: skip
+                grid.submit(f"{model}/{method}/seed{seed}", train_and_sweep, cfg.to_dict(),
+                            str(run), sp, method == "sgd", then=finetune)  # fmt: skip
 
 
-def _best_tasks(rc: ReproduceConfig, out: Path, model: str) -> list[_Task]:
+def _submit_best(grid: _Grid, rc: ReproduceConfig, out: Path, model: str) -> None:
     best = json.loads((out / model / "best.json").read_text())
     if best["variant"] == "sfw":
-        return []  # the paper default won: its runs (same seeds) are the sfw method's
+        return  # the paper default won: its runs (same seeds) are the sfw method's
     overrides = VARIANTS[best["variant"]]
-    tasks = []
     for seed in range(rc.seeds):
         cfg = rc.train_config(model, overrides, seed)
         run = run_dir_of(out, model, "sfw_best", seed)
-        tasks.append(_Task(f"{model}/sfw_best/seed{seed}", train_and_sweep,
-                           (cfg.to_dict(), str(run), list(rc.sparsities), False)))  # fmt: skip
-    return tasks
+        grid.submit(f"{model}/sfw_best/seed{seed}", train_and_sweep, cfg.to_dict(), str(run),
+                    list(rc.sparsities), False)  # fmt: skip
+
+
+RESULT_FILES = ("config.json", "summary.json", "sweep*.json", "best.json", "seed*.json")
+
+
+def grid_revisions(out: Path) -> dict[str, list[Path]]:
+    """Each code revision found in the grid's results files, with the files that carry it."""
+    from .provenance import revision_of
+
+    found: dict[str, list[Path]] = {}
+    for pattern in RESULT_FILES:
+        for path in sorted(out.rglob(pattern)):
+            try:
+                rev = revision_of(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue  # not ours to judge here; the job that reads it says what is wrong
+            if rev is not None:
+                found.setdefault(rev, []).append(path)
+    return found
+
+
+def check_revisions(out: Path, current: str) -> None:
+    """Refuse to add results of revision ``current`` to a grid holding another revision's."""
+    others = {rev: paths for rev, paths in grid_revisions(out).items() if rev != current}
+    if others:
+        rev, paths = next(iter(others.items()))
+        raise ValueError(
+            f"Invalid reproduce: {str(out)!r} holds results of {len(others)} other code "
+            f"revision(s) (e.g. {rev} in {str(paths[0])!r}), this process runs {current}; pass "
+            "--allow-mixed-revisions to finish it anyway, or choose a new --out"
+        )
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -295,6 +336,8 @@ def select_best(out_dir: str, model: str, variants: tuple[str, ...]) -> str:
     """Pick the SFW variant and pruning scope with the best mean accuracy at 90/95/98% sparsity
     among those whose dense accuracy is within ``DENSE_TOLERANCE`` points of SGD's, on the
     selection seed."""
+    from .provenance import provenance
+
     out = Path(out_dir)
     base = out / model / "explore"
     sgd_dense = _rows(base / "sgd" / f"seed{SELECTION_SEED}" / "sweep.json")[0]["accuracy"]
@@ -312,6 +355,7 @@ def select_best(out_dir: str, model: str, variants: tuple[str, ...]) -> str:
     best = max(eligible, key=lambda c: c["score"])
     _io.atomic_write_json(out / model / "best.json", {
         **best, "selection_seed": SELECTION_SEED, "sgd_dense": sgd_dense,
+        "provenance": provenance(),
         "rule": "max mean accuracy at 90/95/98% sparsity among variants whose dense accuracy is "
                 f"within {DENSE_TOLERANCE} points of SGD's (selection seed only; reported seeds are "
                 "different). The tolerance was first 0.5; no candidate met it on LeNet-300-100, so "
@@ -328,13 +372,19 @@ def run_reproduce(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run (or finish) the grid; returns ``out_dir``. The report is :func:`write_report`."""
+    from .provenance import git_revision, provenance
+
     rc.validate()
     out = Path(out_dir)
+    current = git_revision()
+    if not rc.allow_mixed_revisions and out.is_dir():
+        check_revisions(out, current)
     out.mkdir(parents=True, exist_ok=True)
     for model in rc.models:  # per model: grids of different models may differ (epochs, seeds)
         (out / model).mkdir(parents=True, exist_ok=True)
         _io.atomic_write_json(
-            out / model / "reproduce_config.json", {**asdict(rc), "models": [model]}
+            out / model / "reproduce_config.json",
+            {**asdict(rc), "models": [model], "provenance": provenance()},
         )
     if rc.best_from is not None:
         source = out / rc.best_from / "best.json"
@@ -347,7 +397,17 @@ def run_reproduce(
                 (out / model).mkdir(parents=True, exist_ok=True)
                 _io.atomic_write_json(out / model / "best.json", best)
     start = time.perf_counter()
-    _execute(plan(rc, out), rc.jobs, log)
+    if rc.jobs == 1:
+        pool: cf.Executor = _InProcess()
+    else:
+        pool = cf.ProcessPoolExecutor(
+            max_workers=rc.jobs, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_worker_init,
+        )  # fmt: skip
+    with pool:
+        grid = _Grid(pool, current, rc.allow_mixed_revisions, log)
+        _submit_all(grid, rc, out)
+        grid.wait()
     log(f"grid finished in {time.perf_counter() - start:.0f}s")
     return out
 

@@ -25,7 +25,7 @@ from .. import _io
 from ..data import Dataset, DeviceLoader, load_dataset
 from ..distributed import DistContext, init_distributed, local_batch_size
 from ..models import build_model
-from ..train import build_optimizer, build_scheduler, evaluate, train_epoch
+from ..train import build_optimizer, build_scheduler, evaluate, fit
 from .config import TrainConfig
 from .provenance import provenance
 
@@ -267,19 +267,24 @@ def _train_run(
         ctx.main_only(lambda: _write_start_files(out, cfg, ctx))
     net = ctx.wrap(model)
 
-    elapsed_before = metrics[-1]["elapsed_seconds"] if metrics else 0.0
-    for epoch in range(start_epoch, cfg.epochs):
+    elapsed = metrics[-1]["elapsed_seconds"] if metrics else 0.0
+    t0 = 0.0
+
+    def on_epoch_start(epoch: int) -> None:
+        nonlocal t0
         t0 = time.perf_counter()
-        row: dict[str, Any] = {"epoch": epoch + 1}
-        local = _train_one_epoch(net, loader, optimizer, scheduler, cfg, epoch, quiet)
-        row.update(ctx.mean(local, loader.num_samples))  # over all ranks' samples
-        row["lr"] = optimizer.param_groups[0]["lr"]
+
+    def after_train(epoch: int, row: dict[str, Any]) -> dict[str, Any]:
+        local = {k: v for k, v in row.items() if k != "epoch"}
+        row = {"epoch": row["epoch"], **ctx.mean(local, loader.num_samples)}  # all ranks' samples
         ctx.sync_buffers_(model)  # rank 0's BN statistics: the ones the checkpoint holds
-        test = _evaluate(ctx, model, evaluator, cfg.precision)
-        row.update({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+        return row
+
+    def on_epoch_end(epoch: int, row: dict[str, Any]) -> bool:
+        nonlocal elapsed
         row["epoch_seconds"] = time.perf_counter() - t0
-        elapsed_before += row["epoch_seconds"]
-        row["elapsed_seconds"] = elapsed_before
+        elapsed += row["epoch_seconds"]
+        row["elapsed_seconds"] = elapsed
         metrics.append(row)
         ckpt = {
             "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "model": model.state_dict(),
@@ -293,8 +298,17 @@ def _train_run(
                 f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                 f"test acc {row['test_accuracy']:.2f}%  ({row['epoch_seconds']:.1f}s)"
             )
-        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
-            break
+        return stop_after_epoch is not None and epoch + 1 >= stop_after_epoch
+
+    if start_epoch < cfg.epochs:
+        fit(
+            net, loader, optimizer, epochs=cfg.epochs, scheduler=scheduler,
+            precision=cfg.precision, start_epoch=start_epoch, on_epoch_start=on_epoch_start,
+            epoch_batches=None if quiet else functools.partial(_progress, cfg),
+            after_train=after_train,
+            evaluate_fn=lambda: _evaluate(ctx, model, evaluator, cfg.precision),
+            on_epoch_end=on_epoch_end,
+        )  # fmt: skip
     summary = {
         "config": cfg.to_dict(),
         "provenance": _provenance(ctx, wall_seconds=time.perf_counter() - start),
@@ -379,19 +393,17 @@ def _evaluate(
     return ctx.mean(evaluate(model, evaluator, precision=precision), count)
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, cfg, epoch, quiet) -> dict[str, float]:
-    batches: Any = loader
-    if not quiet:
-        from tqdm.auto import tqdm
+def _progress(cfg: TrainConfig, epoch: int, loader: DeviceLoader) -> Any:
+    """A progress bar over one epoch of ``loader``."""
+    from tqdm.auto import tqdm
 
-        # One iter() of our own: tqdm.auto's class calls iter() on what it wraps as well as when
-        # iterated, and a DeviceLoader draws a new epoch plan on each iter() (the progress bar
-        # would change the data order, and with several ranks give rank 0 another shard plan).
-        batches = tqdm(
-            iter(loader), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            leave=False, unit="batch",
-        )  # fmt: skip
-    return train_epoch(model, batches, optimizer, scheduler, precision=cfg.precision, epoch=epoch)
+    # One iter() of our own: tqdm.auto's class calls iter() on what it wraps as well as when
+    # iterated, and a DeviceLoader draws a new epoch plan on each iter() (the progress bar
+    # would change the data order, and with several ranks give rank 0 another shard plan).
+    return tqdm(
+        iter(loader), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        unit="batch",
+    )  # fmt: skip
 
 
 def _run_sfw_init(cfg, data, model, optimizer, device, channels_last=False) -> dict[str, Any]:

@@ -1,0 +1,110 @@
+"""One-shot pruning of a trained run, exported compactly (``sfwprune prune``), and the figures
+of several runs (``sfwprune plot``): the application logic behind those two commands."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._checks import check_bool, check_choice
+from ..prune.masks import INCLUDES, SCOPES, check_sparsity
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class PruneResult:
+    sparsity: float
+    accuracy: float
+    report: str  # the per-layer sparsity table
+    out: Path
+
+
+def prune_run(
+    run_dir: str | Path,
+    sparsity: float,
+    out: str | Path,
+    *,
+    scope: str = "global",
+    include: str = "weights",
+    dtype: str = "float32",
+    bn_recalibrate: bool = False,
+) -> PruneResult:
+    """Prune the run in ``run_dir`` to ``sparsity`` (global magnitude by default), evaluate it
+    on the test split and write the compact file ``out`` (:func:`sfwprune.prune.save_pruned`)."""
+    import torch
+
+    from ..prune import format_report, prune_, recalibrate_bn, save_pruned, sparsity_report
+    from ..train import evaluate
+    from .runner import load_trained, test_loader
+    from .sweep import SweepConfig, calibration_batches
+
+    sparsity = check_sparsity(sparsity)
+    check_choice("scope", scope, SCOPES)
+    check_choice("include", include, INCLUDES)
+    check_choice("dtype", dtype, DTYPES)
+    check_bool("bn_recalibrate", bn_recalibrate)
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"Invalid --out: {str(out)!r} (folder does not exist)")
+    cfg, model, data = load_trained(run_dir)
+    device = next(model.parameters()).device
+    prune_(model, sparsity, scope=scope, include=include)
+    if bn_recalibrate:
+        recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
+    test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
+    save_pruned(model, out, dtype=getattr(torch, dtype))
+    report = format_report(sparsity_report(model, input_shape=data.input_shape))
+    return PruneResult(sparsity, test["accuracy"], report, out)
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """``"SFW lenet300"``-style labels; the folder name is added where two would be equal."""
+    from .runner import read_config
+
+    labels = []
+    for run_dir in run_dirs:
+        cfg = read_config(run_dir)
+        labels.append(f"{cfg.optimizer.name.upper()} {cfg.model}")
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} ({Path(d).name})" for lab, d in zip(labels, run_dirs)]
+    return labels
+
+
+def read_sweep_rows(path: Path) -> list[dict[str, Any]]:
+    """The ``rows`` of a sweep file; ``ValueError`` naming the file when it is not one."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"Invalid sweep file: {str(path)!r} (not a sweep result: {type(exc).__name__})"
+        ) from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"Invalid sweep file: {str(path)!r} (its rows are not a list of rows)")
+    return rows
+
+
+def plot_runs(
+    run_dirs: list[Path], out: str | Path, *, weights: bool = False, tag: str | None = None
+) -> Path:
+    """Accuracy vs sparsity of the runs' sweeps (or, with ``weights``, their weight histograms)."""
+    from .plots import plot_accuracy_vs_sparsity, plot_weight_histograms
+    from .runner import load_trained
+    from .sweep import sweep_file_name
+
+    labels = run_labels(run_dirs)
+    if weights:
+        models = [(lab, load_trained(d, device="cpu")[1]) for lab, d in zip(labels, run_dirs)]
+        return plot_weight_histograms(models, out)
+    curves = []
+    for lab, run_dir in zip(labels, run_dirs):
+        path = Path(run_dir) / f"{sweep_file_name(tag)}.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"Invalid run folder: {str(run_dir)!r} (no {path.name}; run `sfwprune sweep "
+                f"{run_dir}` first)"
+            )
+        curves.append((lab, read_sweep_rows(path)))
+    return plot_accuracy_vs_sparsity(curves, out)
