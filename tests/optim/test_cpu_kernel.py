@@ -1,4 +1,4 @@
-"""The compiled K-sparse step (optim.cpu_kernel) against a plain dense NumPy step."""
+"""The compiled K-sparse step (optim._cpu_kernel) against a plain dense NumPy step."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sfwprune import SFW, make_constraint
-from sfwprune.optim import cpu_kernel as ck
+from sfwprune.optim import _cpu_kernel as ck
 from sfwprune.optim.finite import finite_flags
 
 pytestmark = pytest.mark.skipif(not ck.AVAILABLE, reason="numba is not installed")
@@ -26,33 +26,29 @@ def _reference(theta, m, g, first, rho, k, radius, lr):
     d2 = float(d @ d)
     mm = float(m.astype(np.float64) @ m)
     eta = min(max(lr * math.sqrt(mm / d2), 0.0), 1.0) if d2 > 0 else 0.0
-    gap = -float(m.astype(np.float64) @ d)
     theta += (eta * d).astype(theta.dtype)
-    return eta, gap
-
-
-def _kernel(theta, m, g, first, rho, k, radius, lr, st, scratch):
-    assert ck.all_finite(g)
-    mm = ck.momentum_(m, g, ck.MODE_FIRST if first else ck.MODE_LERP, rho)
-    if m.size <= ck.SMALL:
-        return ck.small_finish(theta, m, k, radius, True, lr, 0.0, scratch)
-    return ck.finish(theta, m, mm, k, radius, True, lr, 0.0, st, scratch)
 
 
 def _run(n, k, dtype, steps, grad, rtol):
+    """The kernel (through kernel_step_) and the dense step side by side; returns the
+    tensor's TensorKernel (threshold statistics)."""
     rng = np.random.default_rng(n + k)
     theta = (rng.standard_normal(n) * 0.01).astype(dtype)
-    theta_ref, m, m_ref = theta.copy(), np.zeros(n, dtype), np.zeros(n, dtype)
-    st, scratch = ck.SignKernelState(n, np.dtype(dtype)), np.empty(n, dtype)
+    theta_ref, m_ref = theta.copy(), np.zeros(n, dtype)
+    p = torch.from_numpy(theta)
+    group = {"k": k, "radius": 0.7, "lr": 0.5, "momentum": 0.9, "rescale": "gradient"}
+    state, cache = {p: {}}, {}
     for step in range(steps):
         g = grad(rng, step).astype(dtype)
-        got = _kernel(theta, m, g, step == 0, 0.9, k, 0.7, 0.5, st, scratch)
-        want = _reference(theta_ref, m_ref, g, step == 0, 0.9, k, 0.7, 0.5)
-        assert got is not None
-        assert got[0] == pytest.approx(want[0], rel=rtol, abs=1e-12), step
-        assert got[1] == pytest.approx(want[1], rel=rtol, abs=1e-9), step
+        assert ck.all_finite(g)
+        p.grad = torch.from_numpy(g)
+        ck.kernel_step_([(group, p)], state, cache, {})
+        _reference(theta_ref, m_ref, g, step == 0, 0.9, k, 0.7, 0.5)
         np.testing.assert_allclose(theta, theta_ref, rtol=rtol, atol=rtol * 1e-2)
-    return st
+        # lerp vs ρm + (1-ρ)g: equal up to rounding, absolute near 0
+        np.testing.assert_allclose(state[p]["momentum_buffer"].numpy(), m_ref, rtol=rtol,
+                                   atol=rtol * 1e-1)  # fmt: skip
+    return cache[id(p)]
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-10), (np.float32, 2e-5)])
@@ -92,9 +88,8 @@ def test_mostly_zero_momentum_k_above_the_nonzeros() -> None:
     _run(n, k, np.float64, 5, grad, 1e-10)
 
 
-def test_non_finite_gradients_are_flagged_and_never_stepped() -> None:
+def test_non_finite_gradients_are_flagged() -> None:
     n = 40000
-    m = np.ones(n)
     for bad in (np.nan, np.inf, -np.inf):
         for dtype in (np.float64, np.float32):
             g = np.ones(n, dtype)
@@ -102,13 +97,8 @@ def test_non_finite_gradients_are_flagged_and_never_stepped() -> None:
             assert not ck.all_finite(g)
     assert ck.all_finite(np.full(n, 1e300))  # huge, finite
     assert ck.all_finite(np.full(n, 3e38, np.float32))
-    assert ck.momentum_(np.full(n, 1e300), np.full(n, 1e300), ck.MODE_LERP, 0.9) == math.inf
-    theta = np.zeros(n)
-    st = ck.SignKernelState(n, np.dtype(np.float64))
-    assert ck.finish(theta, m, math.inf, 10, 1.0, True, 1.0, 0.0, st, np.empty(n)) is None
-    assert not theta.any()
-    small = np.full(10, np.nan)
-    assert ck.small_finish(np.zeros(10), small, 2, 1.0, True, 1.0, 0.0, np.empty(10)) is None
+    # ||m||² overflows to inf: the kernel hands the tensor to the reference update
+    assert ck._momentum_pass(np.full(n, 1e300), np.full(n, 1e300), 0.1, ck.MODE_LERP) == math.inf
 
 
 def test_finite_flags_exact_for_huge_values() -> None:
@@ -128,14 +118,11 @@ def _sfw_pair(grad_of, steps=5):
         torch.manual_seed(0)
         w = nn.Parameter(torch.randn(200, 150, dtype=torch.float64) * 0.01)
         cset = make_constraint("k_sparse", w.numel(), k=1500, radius=0.3)
-        opt = SFW([{"params": [w], **cset.to_group()}], lr=0.7, foreach=foreach,
-                  diagnostics=True)  # fmt: skip
-        gaps = []
+        opt = SFW([{"params": [w], **cset.to_group()}], lr=0.7, foreach=foreach)
         for step in range(steps):
             w.grad = grad_of(step)
             opt.step()
-            gaps.append(float(opt.diagnostics[0]["fw_gap"]))
-        out.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone(), gaps))
+        out.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone()))
     return out
 
 
@@ -143,10 +130,9 @@ def test_optimizer_kernel_path_with_non_contiguous_gradients() -> None:
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(150, 200, generator=gen, dtype=torch.float64).t() for _ in range(5)]
     assert not grads[0].is_contiguous()
-    (w1, m1, g1), (w2, m2, g2) = _sfw_pair(lambda step: grads[step])
+    (w1, m1), (w2, m2) = _sfw_pair(lambda step: grads[step])
     torch.testing.assert_close(w1, w2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m1, m2, rtol=1e-10, atol=1e-12)
-    assert g1 == pytest.approx(g2, rel=1e-9)
 
 
 def test_refused_step_leaves_weights_and_momentum_unchanged() -> None:

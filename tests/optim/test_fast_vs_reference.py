@@ -1,22 +1,23 @@
-"""The fast SFW step (compiled, NumPy and torch kernels) against the reference loop; top-K."""
+"""The fast SFW paths (compiled CPU kernel, batched torch step) against the reference loop."""
 
 from __future__ import annotations
 
+import copy
 import io
-import math
+import pickle
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from sfwprune import SFW, make_constraint
-from sfwprune.optim import cpu_kernel, fast
-from sfwprune.optim.topk import SMALL, TopKTracker, select_top_k, topk_abs_indices
+from sfwprune.optim import _batched, _cpu_kernel
+from sfwprune.optim._cpu_kernel import SMALL
+from sfwprune.optim.sfw import dispatch
 
 
 class Net(nn.Module):
-    """Tensors of every size class: small, medium and large (> topk.SMALL)."""
+    """Tensors of every size class: small, medium and large (> _cpu_kernel.SMALL)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -78,15 +79,16 @@ def _data(dtype: torch.dtype, seed: int = 1) -> list[tuple[torch.Tensor, torch.T
              torch.randint(0, 5, (16,), generator=gen)) for _ in range(3)]  # fmt: skip
 
 
-# Which fast kernel CPU tensors take: the compiled one (numba), NumPy's, or torch's (as on GPU).
-PATHS = ["kernel", "numpy", "torch"]
+# Which fast path K-sparse CPU tensors take: the compiled kernel (numba) or the batched torch
+# step (as on GPU), chosen with the public `fused` switch.
+PATHS = ["kernel", "torch"]
 
 
 def _use_path(opt: SFW, path: str) -> None:
-    if path == "kernel" and not cpu_kernel.AVAILABLE:
-        pytest.skip("numba is not installed (pip install sfwprune[fast])")
-    opt._fast_cache.use_numpy = path != "torch"
-    opt._fast_cache.use_kernel = path == "kernel"
+    if path == "kernel" and not _cpu_kernel.AVAILABLE:
+        pytest.skip("numba is not installed")
+    for group in opt.param_groups:
+        group["fused"] = None if path == "kernel" else False
 
 
 def _train(dtype: torch.dtype, foreach: bool, path: str = "kernel", steps: int = 12,
@@ -134,11 +136,16 @@ def test_fast_equals_reference_float32(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_diagnostics_match_reference(path: str) -> None:
+def test_diagnostics_take_the_reference_path_and_change_nothing_else(path: str) -> None:
+    """diagnostics=True routes every group to the reference loop (the documented rule), so
+    turning it on changes the weights only by rounding, and rows come from the reference."""
+    plain = _train(torch.float64, foreach=None, path=path, steps=4)
+    model, opt, rows = _train(torch.float64, foreach=None, path=path, steps=4, diagnostics=True)
+    _assert_same(plain, (model, opt, rows), rtol=1e-9, atol=1e-12)
+    reference, kernel, batched = dispatch(opt.param_groups)
+    assert kernel == [] and batched == [] and len(reference) == len(opt.param_groups) - 1
     _, _, ref = _train(torch.float64, foreach=False, steps=4, diagnostics=True)
-    _, _, out = _train(torch.float64, foreach=True, path=path, steps=4,
-                       diagnostics=True)  # fmt: skip
-    for rows_ref, rows_out in zip(ref, out):
+    for rows_ref, rows_out in zip(ref, rows):
         assert [r["name"] for r in rows_ref] == [r["name"] for r in rows_out]
         assert len(rows_out) == sum(1 for n in SETS if n != "unused") + 2
         for r, o in zip(rows_ref, rows_out):
@@ -146,8 +153,67 @@ def test_diagnostics_match_reference(path: str) -> None:
             if r["fw_gap"] is None:
                 assert o["fw_gap"] is None
             else:
-                assert torch.allclose(o["fw_gap"], r["fw_gap"], rtol=1e-9, atol=1e-12), r["name"]
                 assert float(o["fw_gap"]) >= -1e-9  # <m, θ - v> >= 0 since θ is in the set
+
+
+def test_dispatch_rule() -> None:
+    """K-sparse groups take a fast path; every other kind (and foreach=False) the reference."""
+    model, groups = _build(torch.float64)
+    opt = SFW(groups, lr=0.5)
+    x, y = _data(torch.float64)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    reference, kernel, batched = dispatch(opt.param_groups)
+    ref_kinds = {g["constraint"] for _, g, _ in reference}
+    assert "k_sparse" not in ref_kinds and "unconstrained" in ref_kinds
+    fast = kernel + batched
+    assert {g["constraint"] for g, _ in fast} == {"k_sparse"}
+    assert all(p is not model.unused for _, p in fast)  # no gradient: not stepped at all
+    assert (len(kernel) > 0) == _cpu_kernel.AVAILABLE
+    for group in opt.param_groups:
+        group["fused"] = False
+    assert dispatch(opt.param_groups)[1] == []
+    # a kind the fast paths do not know (e.g. a new one) goes to the reference loop
+    for group in opt.param_groups:
+        group["constraint"] = (
+            "some_new_kind" if group["constraint"] == "k_sparse" else group["constraint"]
+        )
+    reference, kernel, batched = dispatch(opt.param_groups)
+    assert kernel == [] and batched == []
+
+
+def test_switches_are_group_defaults_and_survive_pickle_and_state_dict() -> None:
+    model, groups = _build(torch.float64)
+    opt = SFW(groups, lr=0.5, fused=False, check_finite=False, cuda_graph=False)
+    assert all(g["fused"] is False and g["check_finite"] is False for g in opt.param_groups)
+    twin = copy.deepcopy(opt)
+    assert [g["fused"] for g in twin.param_groups] == [False] * len(groups)
+    again = pickle.loads(pickle.dumps(opt))
+    assert again.defaults["cuda_graph"] is False and again.diagnostics == []
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["param_groups"][0]["fused"] is False
+    for g in sd["param_groups"]:  # a state dict from before the switches existed still steps
+        for name in ("foreach", "fused", "cuda_graph", "check_finite", "diagnostics"):
+            del g[name]
+    _, groups_b = _build(torch.float64)
+    opt_b = SFW(groups_b, lr=0.5)
+    opt_b.load_state_dict(sd)
+    x, y = _data(torch.float64)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    twin.step()  # deep copy: its own caches, built on the first step
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [({"fused": "yes"}, "fused: 'yes'"), ({"cuda_graph": None}, "cuda_graph: None"),
+     ({"fused": True, "foreach": False}, "fused: True with foreach=False")],
+)  # fmt: skip
+def test_invalid_switches(kwargs, bad) -> None:
+    with pytest.raises(ValueError, match="Invalid") as info:
+        SFW([nn.Parameter(torch.zeros(3))], **kwargs)
+    assert bad in str(info.value)
 
 
 def test_channels_last_and_strided_params_match_reference() -> None:
@@ -195,7 +261,7 @@ def test_state_dict_round_trip_and_new_storage_steps_in_lockstep() -> None:
         assert torch.allclose(pa, pb, rtol=1e-12, atol=1e-14)
 
 
-def test_numpy_kernel_bumps_the_version_counter() -> None:
+def test_kernel_bumps_the_version_counter() -> None:
     model, groups = _build(torch.float32)
     opt = SFW(groups, lr=0.5)
     x, y = _data(torch.float32)[0]
@@ -238,73 +304,6 @@ def test_ties_give_a_valid_vertex(path: str, n: int) -> None:
     assert torch.isclose(torch.dot(grad, v), best)
 
 
-# ---- the top-K selection itself ----------------------------------------------------------
-
-
-def _reference_top(a: np.ndarray, k: int) -> np.ndarray:
-    return np.sort(np.argsort(-a, kind="stable")[:k])
-
-
-@pytest.mark.parametrize("n,k", [(1, 1), (10, 3), (50, 50), (SMALL + 1, 7), (60000, 3000)])
-def test_select_top_k_matches_a_sort(n: int, k: int) -> None:
-    a = np.abs(np.random.default_rng(n).standard_normal(n))
-    for guess in (None, 0.0, 1e-9, 0.5, 1e9, float("nan")):
-        idx, kth, _ = select_top_k(a, k, guess)
-        assert np.array_equal(idx, _reference_top(a, k))
-        assert kth == a[idx].min()
-
-
-def test_select_top_k_ties_keep_lowest_indices() -> None:
-    a = np.array([1.0, 2.0, 2.0, 0.0, 2.0, 3.0, 2.0])
-    assert select_top_k(a, 3)[0].tolist() == [1, 2, 5]
-    zeros = np.zeros(SMALL + 10)
-    zeros[[5, 9000]] = 1.0
-    assert select_top_k(zeros, 4)[0].tolist() == [0, 1, 5, 9000]
-
-
-def test_select_top_k_rejects_bad_k() -> None:
-    with pytest.raises(ValueError, match="Invalid k"):
-        select_top_k(np.ones(4), 5)
-
-
-def test_tracker_stays_exact_as_the_array_drifts() -> None:
-    rng = np.random.default_rng(0)
-    n, k = 3 * SMALL, 1500
-    m = rng.standard_normal(n)
-    tracker = TopKTracker()
-    for step in range(30):
-        m = 0.9 * m + 0.1 * rng.standard_normal(n) * (1 + 0.3 * math.sin(step))
-        if step == 15:
-            m[:50] *= 100.0  # a jump no prediction sees coming
-        idx, m_s = tracker.select(m, k, float(m @ m))
-        assert np.array_equal(idx, _reference_top(np.abs(m), k))
-        assert np.array_equal(m_s, m[idx])
-    m[7] = np.nan  # NaN counts as the largest, as in torch.topk
-    idx, _ = tracker.select(m, k, float(m @ m))
-    assert 7 in idx and idx.size == k
-
-
-def test_topk_abs_indices() -> None:
-    x = torch.tensor([0.1, -3.0, 2.0, 0.0])
-    assert topk_abs_indices(x, 2).sort().values.tolist() == [1, 2]
-    big = torch.randn(SMALL * 2, generator=torch.Generator().manual_seed(0))
-    expected = torch.topk(big.abs(), 100).indices.sort().values
-    assert torch.equal(topk_abs_indices(big, 100).sort().values, expected)
-    half = big.half()  # torch.topk path; rounding to half creates ties: compare the values
-    chosen = half.abs()[topk_abs_indices(half, 100)].sort().values
-    assert torch.equal(chosen, torch.topk(half.abs(), 100).values.sort().values)
-
-
-def test_a_missing_cache_is_rebuilt() -> None:
-    model, groups = _build(torch.float64)
-    opt = SFW(groups, lr=0.5)
-    del opt._fast_cache  # as after unpickling: torch.optim.Optimizer keeps only its state
-    x, y = _data(torch.float64)[0]
-    nn.functional.cross_entropy(model(x), y).backward()
-    opt.step()
-    assert isinstance(opt._fast_cache, fast.FastStepCache)
-
-
 # ---- unusual inputs: the fast paths do what the reference does ----------------------------
 
 
@@ -329,13 +328,17 @@ def test_nan_gradient_unchecked_matches_reference(path: str, rescale, n: int) ->
     torch.testing.assert_close(out[0], out[1], equal_nan=True)
 
 
-def test_sfw_step_fast_works_outside_no_grad() -> None:
-    p = nn.Parameter(torch.zeros(10))
-    p.grad = torch.randn(10)
-    group = {"params": [p], "constraint": "unconstrained", "lr": 0.1, "momentum": 0.9,
-             "rescale": "gradient", "k": None, "p": None, "radius": None}  # fmt: skip
-    fast.sfw_step_fast([group], {p: {}}, None, fast.FastStepCache())
-    assert torch.allclose(p.detach(), -0.1 * p.grad)
+def test_fast_paths_work_outside_no_grad() -> None:
+    for fused in (None, False):
+        p = nn.Parameter(torch.zeros(10))
+        p.grad = torch.randn(10)
+        group = {"params": [p], "constraint": "k_sparse", "k": 3, "radius": 1.0, "lr": 0.1,
+                 "momentum": 0.9, "rescale": None}  # fmt: skip
+        if fused is None and _cpu_kernel.AVAILABLE:
+            _cpu_kernel.kernel_step_([(group, p)], {p: {}}, {}, {})
+        else:
+            _batched.batched_step_([(group, p)], {p: {}}, {}, graphs=False)
+        assert int((p.detach() != 0).sum()) == 3
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -347,7 +350,7 @@ def test_autograd_versions_bumped_one_tensor_at_a_time(path, monkeypatch) -> Non
             raise RuntimeError("increment_version expect a Tensor as input")
         torch.autograd.graph.increment_version(t)
 
-    monkeypatch.setattr(fast, "_increment_version", one_tensor)
+    monkeypatch.setattr(_cpu_kernel, "_increment_version", one_tensor)
     out = _train(torch.float64, foreach=True, path=path, steps=2)
     ref = _train(torch.float64, foreach=False, steps=2)
     _assert_same(ref, out, rtol=1e-9, atol=1e-12)

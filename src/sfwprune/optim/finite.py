@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import cpu_kernel
+from . import _cpu_kernel
 
 Tensor = torch.Tensor
 _KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -26,10 +26,10 @@ class NonFiniteGradientError(ValueError):
 def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     """Bool tensor, one flag per tensor: all of its entries are finite.
 
-    Contiguous CPU float tensors: the compiled exact check of :mod:`.cpu_kernel` (when numba
-    imports). Others: one fused L2 norm per tensor and one host sync. A norm that is not finite
-    means NaN/inf *or* an overflowing sum of squares of huge finite values, so only then the
-    exact check (max |x|, which cannot overflow) runs on the tensors concerned.
+    Contiguous CPU float tensors: the compiled exact check (when numba imports). Others: one
+    fused L2 norm per tensor and one host sync. A norm that is not finite means NaN/inf *or* an
+    overflowing sum of squares of huge finite values, so only then the exact check (max |x|,
+    which cannot overflow) runs on the tensors concerned.
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
@@ -37,12 +37,12 @@ def finite_flags(tensors: Sequence[Tensor]) -> Tensor:
     rest: list[int] = []
     for j, t in enumerate(tensors):
         if (
-            cpu_kernel.AVAILABLE
+            _cpu_kernel.AVAILABLE
             and t.device.type == "cpu"
             and t.dtype in _KERNEL_DTYPES
             and t.is_contiguous()
         ):
-            flags[j] = bool(cpu_kernel.all_finite(t.detach().view(-1).numpy()))
+            flags[j] = bool(_cpu_kernel.all_finite(t.detach().view(-1).numpy()))
         else:
             rest.append(j)
     if rest:

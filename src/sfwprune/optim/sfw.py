@@ -1,4 +1,4 @@
-"""Stochastic Frank-Wolfe with momentum, as a ``torch.optim.Optimizer``."""
+"""Stochastic Frank-Wolfe with momentum, as a ``torch.optim.Optimizer``, and its dispatcher."""
 
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import torch
 
 from ..constraints import constraint_from_group
 from ..constraints.groups import check_kind
-from .fast import FastStepCache, sfw_step_fast
+from . import _cpu_kernel
+from ._batched import batched_step_
+from ._reference import reference_step_
 from .finite import NonFiniteGradientError, finite_flags
-from .reference import sfw_group_step_reference
 
 RESCALES = ("gradient", "diameter", None)
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+# The switches of the implementation, kept in every param group (like torch's foreach/fused).
+SWITCHES = {"foreach": None, "fused": None, "cuda_graph": True, "check_finite": True,
+            "diagnostics": False}  # fmt: skip
 
 
 def _check_lr(lr: Any) -> float:
@@ -32,14 +37,65 @@ def _check_momentum(momentum: Any) -> float:
     return float(momentum)
 
 
-def _check_rescale(rescale: Any) -> str | None:
-    if rescale not in RESCALES:
-        raise ValueError(f"Invalid rescale: {rescale!r} (expected 'gradient', 'diameter' or None)")
-    return rescale
+def _check_switches(group: dict[str, Any]) -> None:
+    if group["rescale"] not in RESCALES:
+        raise ValueError(
+            f"Invalid rescale: {group['rescale']!r} (expected 'gradient', 'diameter' or None)"
+        )
+    for name in ("foreach", "fused"):
+        if group[name] not in (None, True, False):
+            raise ValueError(f"Invalid {name}: {group[name]!r} (expected None, True or False)")
+    for name in ("cuda_graph", "check_finite", "diagnostics"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"Invalid {name}: {group[name]!r} (expected True or False)")
+    if group["fused"] and group["foreach"] is False:
+        raise ValueError("Invalid fused: True with foreach=False (the reference loop is not fused)")
+    if group["fused"] and not _cpu_kernel.AVAILABLE:
+        raise ValueError("Invalid fused: True (numba, which the compiled kernel needs, is missing)")
+    if "weight_decay" in group:
+        raise ValueError(
+            f"Invalid weight_decay: {group['weight_decay']!r} (SFW takes none: the constraint "
+            "set bounds the weights; remove the key)"
+        )
+
+
+def dispatch(
+    param_groups: list[dict[str, Any]],
+) -> tuple[list[tuple[int, dict, list]], list[tuple[dict, torch.Tensor]], list[tuple[dict, torch.Tensor]]]:  # fmt: skip
+    """Which implementation steps each parameter with a gradient: ``(reference, kernel,
+    batched)``. The rule, the only place it is written:
+
+    1. the plain per-tensor loop (:mod:`._reference`) for a group with ``foreach=False``, with
+       ``diagnostics=True`` (per-tensor FW gaps are the reference's), or whose ``constraint``
+       is not ``"k_sparse"`` (every other set kind, present or future, and unconstrained);
+    2. otherwise the compiled CPU kernel (:mod:`._cpu_kernel`) for a contiguous float32/float64
+       CPU tensor, unless ``fused=False`` or numba is missing;
+    3. otherwise the batched torch step (:mod:`._batched`): GPU tensors, half precision, other
+       memory layouts, ``fused=False``.
+    """
+    reference, kernel, batched = [], [], []
+    for index, group in enumerate(param_groups):
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            continue
+        if (
+            group.get("foreach") is False
+            or group.get("diagnostics", False)
+            or group.get("constraint") != "k_sparse"
+        ):
+            reference.append((index, group, params))
+            continue
+        fused = group.get("fused") is not False and _cpu_kernel.AVAILABLE
+        for p in params:
+            if fused and p.device.type == "cpu" and p.dtype in _KERNEL_DTYPES and p.is_contiguous():
+                kernel.append((group, p))
+            else:
+                batched.append((group, p))
+    return reference, kernel, batched
 
 
 class SFW(torch.optim.Optimizer):
-    """Stochastic Frank-Wolfe with momentum (Lu et al. 2022, Algorithm 1).
+    """Stochastic Frank-Wolfe with momentum (Lu et al. 2022, Algorithm 1; docs/algorithm.md).
 
     Each parameter tensor stays inside the convex set named by its param group::
 
@@ -48,7 +104,8 @@ class SFW(torch.optim.Optimizer):
     with ``η = clamp(lr·||m||/||θ - v||, 0, 1)`` for ``rescale="gradient"``,
     ``clamp(lr/D, 0, 1)`` for ``"diameter"`` and ``clamp(lr, 0, 1)`` for ``None``.
     Groups without a ``constraint`` (e.g. ``model.parameters()``) are unconstrained and take
-    ``θ ← θ - lr·m``.
+    ``θ ← θ - lr·m`` (:func:`~sfwprune.constraint_groups` gives those groups their own
+    ``lr``). There is no weight decay: a group with a ``weight_decay`` key is refused.
 
     Args:
         params: tensors or param groups, typically from :func:`sfwprune.constraint_groups`.
@@ -56,20 +113,23 @@ class SFW(torch.optim.Optimizer):
         lr: learning rate (default 1.0, the paper's).
         momentum: ρ in [0, 1) (default 0.9).
         rescale: ``"gradient"`` (default), ``"diameter"`` or ``None``.
+
+    The implementation switches below are param-group defaults (a group may override them),
+    so they survive ``state_dict()`` and pickling; :func:`dispatch` states the rule.
+
+        foreach: ``None`` (default) or ``True``: K-sparse groups take a fast path (the
+            compiled CPU kernel or the batched torch step); ``False``: the plain reference loop.
+        fused: the compiled CPU kernel for K-sparse CPU tensors: ``None`` (default) when numba
+            imports, ``True`` required (refused if numba is missing), ``False`` never (the
+            batched torch step instead).
+        cuda_graph: on CUDA, replay the batched step as a CUDA graph (default True).
         check_finite: refuse (``ValueError``, nothing changed) a step whose gradients hold NaN
-            or inf (default True). Costs one read of each gradient (on CPU, with the
-            compiled kernel, while the gradient is still in cache); on CUDA also one host sync
-            a step.
-        diagnostics: when True, ``self.diagnostics`` holds, after each step, one dict per
-            stepped tensor with ``name``, ``fw_gap`` (``<m, θ - v>``) and ``step_size`` (η)
-            as 0-dim tensors. Off by default, and then free.
-        foreach: which implementation steps: ``None`` (default) or ``True`` the fast path
-            (:mod:`sfwprune.optim.fast`: multi-tensor, no dense K-sparse vertex, no host sync
-            on GPU), ``False`` the plain per-tensor reference loop. Both give the same results
-            up to rounding.
-        cuda_graph: on CUDA, capture the fast path's batched K-sparse step once as a CUDA
-            graph and replay it (one launch instead of hundreds; default True). Falls back to
-            plain launches if capture fails.
+            or inf (default True; one read of each gradient, on CUDA one host sync a step).
+        diagnostics: when True, the group takes the reference loop and ``self.diagnostics``
+            holds, after each step, one dict per stepped tensor with ``name``, ``fw_gap``
+            (``<m, θ - v>``, None when unconstrained) and ``step_size`` (η), 0-dim tensors.
+
+    All paths give the same results up to rounding (tested in float64 and float32).
 
     Example:
         >>> opt = SFW(constraint_groups(model), lr=1.0, momentum=0.9)
@@ -83,36 +143,42 @@ class SFW(torch.optim.Optimizer):
         *,
         momentum: float = 0.9,
         rescale: str | None = "gradient",
-        diagnostics: bool = False,
         foreach: bool | None = None,
-        check_finite: bool = True,
+        fused: bool | None = None,
         cuda_graph: bool = True,
+        check_finite: bool = True,
+        diagnostics: bool = False,
     ):
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"Invalid foreach: {foreach!r} (expected None, True or False)")
-        self.foreach = foreach
-        self._fast_cache = FastStepCache()
-        self._fast_cache.use_graphs = bool(cuda_graph)
         defaults = {
             "lr": _check_lr(lr),
             "momentum": _check_momentum(momentum),
-            "rescale": _check_rescale(rescale),
+            "rescale": rescale,
             "constraint": "unconstrained",
             "k": None,
             "p": None,
             "radius": None,
+            "foreach": foreach,
+            "fused": fused,
+            "cuda_graph": cuda_graph,
+            "check_finite": check_finite,
+            "diagnostics": diagnostics,
         }
-        self.check_finite = bool(check_finite)
-        self.track_diagnostics = bool(diagnostics)
         self.diagnostics: list[dict[str, Any]] = []
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.diagnostics = []
+        for group in self.param_groups:  # groups saved before a switch existed
+            for name, value in SWITCHES.items():
+                group.setdefault(name, value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_lr(group["lr"])
         _check_momentum(group["momentum"])
-        _check_rescale(group["rescale"])
+        _check_switches(group)
         check_kind(group["constraint"])
         for p in group["params"]:
             n = group.get("n")
@@ -123,29 +189,34 @@ class SFW(torch.optim.Optimizer):
                 )
             constraint_from_group(group, p.numel())  # validates k, p, radius
 
-    def __getstate__(self) -> dict[str, Any]:
-        # torch's Optimizer pickles only defaults/state/param_groups; keep our switches too.
-        state = super().__getstate__()
-        state.update(
-            foreach=self.foreach, track_diagnostics=self.track_diagnostics,
-            check_finite=self.check_finite, diagnostics=[],
-            cuda_graph=self._fast_cache.use_graphs,
-        )  # fmt: skip
-        return state
+    def _caches(self) -> dict[str, dict]:
+        """Plans and work arrays of the fast paths; never change results, never saved."""
+        caches = self.__dict__.get("_fast_caches")
+        if caches is None:
+            caches = self.__dict__["_fast_caches"] = {"kernel": {}, "scratch": {}, "batched": {}}
+        return caches
 
-    def _refuse_non_finite_gradients(self) -> None:
-        """Raise before any state changes if a gradient holds NaN/inf (one host sync)."""
-        grads, names = [], []
-        for index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    grads.append(p.grad)
-                    names.append(group.get("name", str(index)))
-        if not grads:
-            return
-        finite = finite_flags(grads)
-        if not bool(finite.all()):
-            raise NonFiniteGradientError(names[int(torch.nonzero(~finite)[0])])
+    def _name(self, group: dict[str, Any]) -> str:
+        index = next(i for i, g in enumerate(self.param_groups) if g is group)
+        return group.get("name", str(index))
+
+    def _refuse_non_finite(self, reference: list, kernel: list, batched: list) -> None:
+        """Raise before anything changes if a checked gradient holds NaN/inf."""
+        for group, p in kernel:
+            g = p.grad
+            if group.get("check_finite", True) and not (
+                _cpu_kernel.all_finite(g.detach().view(-1).numpy())
+                if g.is_contiguous()
+                else bool(torch.isfinite(g).all())
+            ):
+                raise NonFiniteGradientError(self._name(group))
+        rest = [(group, p) for _, group, params in reference for p in params]
+        rest += batched
+        rest = [(group, p) for group, p in rest if group.get("check_finite", True)]
+        if rest:
+            finite = finite_flags([p.grad for _, p in rest])
+            if not bool(finite.all()):
+                raise NonFiniteGradientError(self._name(rest[int(torch.nonzero(~finite)[0])][0]))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -154,25 +225,18 @@ class SFW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        diagnostics: list[dict[str, Any]] | None = [] if self.track_diagnostics else None
-        if getattr(self, "foreach", None) is not False:
-            cache = getattr(self, "_fast_cache", None)
-            if cache is None:  # e.g. an optimizer restored by pickle
-                cache = self._fast_cache = FastStepCache()
-                cache.use_graphs = getattr(self, "cuda_graph", True)
-            # checks every gradient before it changes anything
-            sfw_step_fast(self.param_groups, self.state, diagnostics, cache, self.check_finite)
-            if diagnostics is not None:
-                self.diagnostics = diagnostics
-            return loss
-        if self.check_finite:
-            self._refuse_non_finite_gradients()
-        for index, group in enumerate(self.param_groups):
-            start = len(diagnostics) if diagnostics is not None else 0
-            sfw_group_step_reference(group, self.state, diagnostics)
-            if diagnostics is not None:
-                for row in diagnostics[start:]:
-                    row["name"] = group.get("name", str(index))
-        if diagnostics is not None:
-            self.diagnostics = diagnostics
+        reference, kernel, batched = dispatch(self.param_groups)
+        self._refuse_non_finite(reference, kernel, batched)
+        caches = self._caches()
+        if kernel:
+            _cpu_kernel.kernel_step_(kernel, self.state, caches["kernel"], caches["scratch"])
+        if batched:
+            graphs = all(group.get("cuda_graph", True) for group, _ in batched)
+            batched_step_(batched, self.state, caches["batched"], graphs)
+        rows: list[dict[str, Any]] = []
+        for index, group, params in reference:
+            for row in reference_step_(params, group, self.state):
+                if group.get("diagnostics", False):
+                    rows.append({"name": group.get("name", str(index)), **row})
+        self.diagnostics = rows
         return loss

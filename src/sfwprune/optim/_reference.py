@@ -1,6 +1,6 @@
 """The plain per-tensor SFW step: the readable ground truth every fast path is tested against.
 
-Per tensor, with momentum ``ρ`` (REFERENCE §2):
+Per tensor, with momentum ``ρ`` (docs/algorithm.md):
 
     m   = g                       on the first step, else  m = ρ m + (1-ρ) g
     v   = lmo(m)
@@ -9,7 +9,7 @@ Per tensor, with momentum ``ρ`` (REFERENCE §2):
         | clamp(lr, 0, 1)                    (rescale=None)
     θ  <- θ + η (v - θ)
 
-Unconstrained tensors take ``θ <- θ - lr·m``.
+Unconstrained tensors take ``θ <- θ - lr·m``. Every set kind, and diagnostics, run here.
 """
 
 from __future__ import annotations
@@ -50,27 +50,29 @@ def step_size(
     return torch.clamp(eta, 0.0, 1.0)
 
 
+def reference_update_(p: Tensor, m: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """``θ`` of ``p`` stepped from its already updated momentum ``m``; returns the diagnostics
+    row (``fw_gap = <m, θ - v>``, ``step_size = η``; ``fw_gap`` None when unconstrained)."""
+    lr = group["lr"]
+    cset = constraint_from_group(group, p.numel())
+    if cset.kind == "unconstrained":
+        p.add_(m, alpha=-lr)
+        return {"fw_gap": None, "step_size": torch.tensor(float(lr))}
+    direction = cset.lmo(m).sub_(p)
+    eta = step_size(group["rescale"], lr, m, direction, cset.l2_diameter)
+    # FW gap <m, θ - v> >= 0: an upper bound on the (linearized) suboptimality.
+    row = {"fw_gap": -torch.sum(m * direction), "step_size": eta.detach().clone()}
+    p.add_(direction.mul_(eta))
+    return row
+
+
 @torch.no_grad()
-def sfw_group_step_reference(
-    group: dict[str, Any], state: dict[Tensor, dict[str, Any]], diagnostics: list | None
-) -> None:
-    """One SFW step for every parameter with a gradient in ``group`` (a torch param group)."""
-    lr, momentum, rescale = group["lr"], group["momentum"], group["rescale"]
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        m = update_momentum_(state[p], p.grad, momentum)
-        cset = constraint_from_group(group, p.numel())
-        if cset.kind == "unconstrained":
-            p.add_(m, alpha=-lr)
-            if diagnostics is not None:
-                diagnostics.append({"fw_gap": None, "step_size": torch.tensor(float(lr))})
-            continue
-        v = cset.lmo(m)
-        direction = v - p
-        eta = step_size(rescale, lr, m, direction, cset.l2_diameter)
-        if diagnostics is not None:
-            # FW gap <m, θ - v> >= 0: an upper bound on the (linearized) suboptimality.
-            gap = -torch.sum(m * direction)
-            diagnostics.append({"fw_gap": gap, "step_size": eta.detach().clone()})
-        p.add_(direction * eta)
+def reference_step_(
+    params: list[Tensor], group: dict[str, Any], state: dict[Tensor, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One SFW step of every tensor in ``params`` (all with a gradient); one row each."""
+    rows = []
+    for p in params:
+        m = update_momentum_(state[p], p.grad, group["momentum"])
+        rows.append(reference_update_(p, m, group))
+    return rows

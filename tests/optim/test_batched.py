@@ -1,4 +1,4 @@
-"""The batched K-sparse step (optim.flat) against the per-tensor reference step."""
+"""The batched K-sparse step (optim._batched) against the per-tensor reference step."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sfwprune import SFW, make_constraint
-from sfwprune.optim.flat import PACK, FlatEntry, FlatSignPlan
+from sfwprune.optim._batched import PACK, BatchedPlan
 
 # (shape, k): repeated shapes share a top-K; small ones are packed; k = n and k = 1 included
 SHAPES = [((64,), 3), ((64,), 3), ((10,), 10), ((3, 3, 3, 4), 5), ((130, 140), 900),
@@ -31,8 +31,7 @@ def _train(dtype: torch.dtype, foreach: bool, device: str, steps: int = 6) -> li
          "lr": 0.9 if i % 3 else 0.4, "rescale": "gradient" if i % 4 else "diameter"}
         for i, (p, (_, k)) in enumerate(zip(params, SHAPES))
     ]  # fmt: skip
-    opt = SFW(groups, momentum=0.8, foreach=foreach)
-    opt._fast_cache.use_numpy = False  # the device path, here on CPU
+    opt = SFW(groups, momentum=0.8, foreach=foreach, fused=None if foreach is False else False)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         for p in params:
@@ -48,13 +47,15 @@ def test_flat_step_matches_reference(dtype: torch.dtype, tol: float, device: str
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * 1e-2)
 
 
-def test_flat_plan_groups_tensors_and_returns_eta_in_entry_order() -> None:
+def test_plan_groups_tensors_and_steps_each_by_its_own_eta() -> None:
     params = _params(torch.float64)
     gen = torch.Generator().manual_seed(2)
     ms = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
-    entries = [FlatEntry(p.detach().view(-1), m.view(-1), k, 1.0)
-               for p, m, (_, k) in zip(params, ms, SHAPES)]  # fmt: skip
-    plan = FlatSignPlan(entries)
+    t = len(params)
+    rescales = ["gradient", "diameter", None]
+    groups = [{"k": k, "radius": 1.0, "lr": 0.1 + 0.9 * i / t, "rescale": rescales[i % 3]}
+              for i, (_, k) in enumerate(SHAPES)]  # fmt: skip
+    plan = BatchedPlan(list(zip(groups, params, ms)), graphs=False)
     # packed: every tensor of at most PACK entries; buckets: the (n, k) pairs above PACK
     assert plan.n_small == sum(p.numel() <= PACK for p in params)
     assert sorted((rows, n, k) for _, rows, n, k, _ in plan.buckets) == sorted(
@@ -66,21 +67,18 @@ def test_flat_plan_groups_tensors_and_returns_eta_in_entry_order() -> None:
         ]
     )
     before = [p.detach().clone() for p in params]
-    t = len(params)
-    lr, fixed = (
-        torch.linspace(0.1, 1.0, t, dtype=torch.float64),
-        torch.full((t,), 0.3, dtype=torch.float64),
-    )
-    use_grad = torch.tensor([i % 2 == 0 for i in range(t)])
-    eta = plan.step(entries, lr, fixed, use_grad)
+    with torch.no_grad():
+        plan.step()
     for i, (p, m, (_, k)) in enumerate(zip(params, ms, SHAPES)):
         flat = m.view(-1)
         idx = torch.topk(flat.abs(), k).indices
         v = torch.zeros_like(flat)
         v[idx] = -torch.sign(flat[idx])
         d = v - before[i].view(-1)
-        want = min(max(float(lr[i] * flat.norm() / d.norm()), 0.0), 1.0) if use_grad[i] else 0.3
-        assert float(eta[i]) == pytest.approx(want, rel=1e-12)
+        lr = groups[i]["lr"]
+        want = {"gradient": lr * float(flat.norm() / d.norm()), "diameter": lr / (2 * k**0.5),
+                None: lr}[groups[i]["rescale"]]  # fmt: skip
+        want = min(max(want, 0.0), 1.0)
         torch.testing.assert_close(p.detach().view(-1), before[i].view(-1) + want * d)
 
 
@@ -104,7 +102,7 @@ def test_cuda_graph_replays_the_same_steps(graph: bool) -> None:
             g["lr"] = 0.9 / (1 + step)
         opt.step()
         ref_opt.step()
-    (plan,) = opt._fast_cache.plan.flat.values()
+    (plan,) = opt._caches()["batched"].values()
     assert (plan.graph is not None) == graph, plan.graph_error
     for p, r in zip(params, ref):
         torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,344 @@
+"""The compiled SFW step for K-sparse CPU tensors (numba): four fused passes, no index list.
+
+Same math as :mod:`._reference` for the K-sparse polytope. With ``t`` the K-th largest ``|m_i|``
+the vertex is ``v_i = -r·sign(m_i)`` where ``|m_i| >= t`` and 0 elsewhere, so the selection is
+a *threshold*, not an index list, and every pass vectorizes:
+
+1. momentum: ``m ← m + (1-ρ)(g - m)`` in place, with ``||m||²``;
+2. threshold: ``t`` is predicted as ``t_prev·||m||/||m_prev||`` (within ~0.5% in training); one
+   pass counts ``#{|m_i| >= hi}`` and flags the band ``lo <= |m_i| < hi``, and ``t`` is the
+   right order statistic of the band's few values. A band that misses ``t`` widens once; the
+   last resort partitions all of ``|m|``, so ``t`` is always exact. Tensors of at most
+   :data:`SMALL` entries always partition;
+3. ``||θ - v||²`` in one read of ``m`` and ``θ``, then ``η`` (:func:`_eta`, the only place);
+4. ``θ ← θ + η(v - θ)`` in one read-modify-write.
+
+Ties at ``t`` (more than K entries with ``|m_i| >= t``) keep the lowest indices (entries equal
+to ``t`` count only up to index ``cut``); any choice among tied entries is an LMO minimizer.
+Reductions sum blocks in the arrays' dtype and blocks in float64 (``fastmath`` allows only
+reassociation and contraction: NaN and inf propagate). A non-finite ``||m||`` (NaN/inf
+gradients with ``check_finite=False``) leaves ``θ`` to :func:`._reference.reference_update_`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._reference import reference_update_
+
+try:  # a dependency (pyproject); a broken install falls back to the batched torch path
+    from numba import njit
+
+    AVAILABLE = True
+except Exception:  # pragma: no cover - exercised where numba is missing or broken
+    AVAILABLE = False
+
+    def njit(*_args: Any, **_kwargs: Any):  # type: ignore[no-redef]
+        return lambda fn: fn
+
+
+Tensor = torch.Tensor
+_FM = {"reassoc", "contract"}
+# Tensors this small skip the band: partitioning all of |m| is cheap.
+SMALL = 16384
+# Reductions sum BLOCK entries in the arrays' dtype (vectorized), then add blocks in float64.
+BLOCK = 512
+MODE_LERP, MODE_FIRST, MODE_READY = 0, 1, 2
+RESCALE_CODES = {"gradient": 0, "diameter": 1, None: 2}
+_increment_version = getattr(torch.autograd.graph, "increment_version", None)
+
+
+def _compiled(**options: Any):
+    """``numba.njit`` with an on-disk cache, or without one where no cache folder is writable."""
+
+    def wrap(fn):
+        try:
+            return njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # pragma: no cover - read-only install and home
+            return njit(cache=False, nogil=True, **options)(fn)
+
+    return wrap
+
+
+@_compiled(fastmath=_FM)
+def all_finite(x: np.ndarray) -> bool:  # pragma: no cover - compiled
+    """True when no entry is NaN or ±inf (``x - x`` is NaN exactly there)."""
+    s = x.dtype.type(0.0)
+    for i in range(x.size):
+        s += x[i] - x[i]
+    return s == 0.0
+
+
+@_compiled(fastmath=_FM)
+def _momentum_pass(m, g, w, mode):  # pragma: no cover - compiled
+    """In place: ``m ← m + w(g - m)`` (mode 0), ``m ← g`` (1) or ``m`` as it is (2); returns
+    ``||m||²``."""
+    n = m.size
+    z = m.dtype.type(0.0)
+    mm = 0.0
+    for s0 in range(0, n, BLOCK):
+        size = min(BLOCK, n - s0)
+        mb = m[s0 : s0 + size]
+        gb = g[s0 : s0 + size]
+        acc = z
+        if mode == 0:
+            for i in range(size):
+                x = mb[i] + w * (gb[i] - mb[i])
+                mb[i] = x
+                acc += x * x
+        elif mode == 1:
+            for i in range(size):
+                x = gb[i]
+                mb[i] = x
+                acc += x * x
+        else:
+            for i in range(size):
+                x = mb[i]
+                acc += x * x
+        mm += np.float64(acc)
+    return mm
+
+
+@_compiled(fastmath=_FM)
+def _band_flags(m, lo, hi, flags):  # pragma: no cover - compiled
+    """``flags[i] = lo <= |m_i| < hi``; returns ``#{|m_i| >= hi}``."""
+    n = m.size
+    z = m.dtype.type(0.0)
+    one = m.dtype.type(1.0)
+    c_hi = 0
+    for s0 in range(0, n, BLOCK):
+        size = min(BLOCK, n - s0)
+        mb = m[s0 : s0 + size]
+        fb = flags[s0 : s0 + size]
+        cnt = z
+        for i in range(size):
+            a = abs(mb[i])
+            cnt += one if a >= hi else z
+            fb[i] = (a >= lo) & (a < hi)
+        c_hi += int(cnt)
+    return c_hi
+
+
+@_compiled()
+def _band_select(m, lo, hi, k, flags, words, band):  # pragma: no cover - compiled
+    """``(status, t, #{|m_i| >= t})`` from the band ``[lo, hi)``: status 0 when the K-th
+    largest ``|m_i|`` is in it, +1 when it is above, -1 below. ``words`` is ``flags`` viewed
+    as uint64: zero words skip 8 entries."""
+    c_hi = _band_flags(m, lo, hi, flags)
+    need = k - c_hi
+    if need < 1:
+        return 1, m.dtype.type(0.0), 0
+    n, b = m.size, 0
+    for wi in range(words.size):
+        if words[wi] != 0:
+            for i in range(wi * 8, min(wi * 8 + 8, n)):
+                if flags[i]:
+                    band[b] = abs(m[i])
+                    b += 1
+    if need > b:
+        return -1, m.dtype.type(0.0), 0
+    vals = band[:b]
+    t = np.partition(vals, b - need)[b - need]
+    count = c_hi
+    for i in range(b):
+        count += vals[i] >= t
+    return 0, t, count
+
+
+@_compiled()
+def _full_select(m, k, scratch):  # pragma: no cover - compiled
+    """``(t, #{|m_i| >= t})`` by partitioning all of ``|m|``."""
+    n = m.size
+    for i in range(n):
+        scratch[i] = abs(m[i])
+    a = scratch[:n]
+    t = a.min() if k >= n else np.partition(a, n - k)[n - k]
+    count = 0
+    for i in range(n):
+        count += abs(m[i]) >= t
+    return t, count
+
+
+@_compiled()
+def _tie_cut(m, t, take):  # pragma: no cover - compiled
+    """Index of the ``take``-th entry (in index order) with ``|m_i| == t``."""
+    seen = 0
+    for i in range(m.size):
+        if abs(m[i]) == t:
+            seen += 1
+            if seen == take:
+                return i
+    return m.size
+
+
+@_compiled(inline="always")
+def _vertex(x, a, t, r, z):  # pragma: no cover - compiled
+    """``-r·sign(x)`` where ``|x| = a >= t``, else 0 (also 0 for x = 0)."""
+    return -math.copysign(r, x) if (a >= t) & (x != z) else z
+
+
+@_compiled(fastmath=_FM)
+def _distance_pass(theta, m, t, cut, r):  # pragma: no cover - compiled
+    """``||θ - v||²`` for the vertex selected by ``(t, cut)``: entries equal to ``t`` count as
+    selected up to index ``cut`` (``cut >= n``: all of them, the vectorized loop)."""
+    n = m.size
+    z = m.dtype.type(0.0)
+    d2 = 0.0
+    for s0 in range(0, n, BLOCK):
+        size = min(BLOCK, n - s0)
+        mb = m[s0 : s0 + size]
+        tb = theta[s0 : s0 + size]
+        acc = z
+        if cut >= n:
+            for i in range(size):
+                x = mb[i]
+                d = _vertex(x, abs(x), t, r, z) - tb[i]
+                acc += d * d
+        else:
+            for i in range(size):
+                x = mb[i]
+                a = abs(x)
+                d = (_vertex(x, a, t, r, z) if (a > t) | (s0 + i <= cut) else z) - tb[i]
+                acc += d * d
+        d2 += np.float64(acc)
+    return d2
+
+
+@_compiled(fastmath=_FM)
+def _update_pass(theta, m, t, cut, r, eta):  # pragma: no cover - compiled
+    """``θ ← θ + η(v - θ)`` (selection as in :func:`_distance_pass`)."""
+    n = m.size
+    z = m.dtype.type(0.0)
+    if cut >= n:
+        for i in range(n):
+            x = m[i]
+            theta[i] = theta[i] + eta * (_vertex(x, abs(x), t, r, z) - theta[i])
+    else:
+        for i in range(n):
+            x = m[i]
+            a = abs(x)
+            v = _vertex(x, a, t, r, z) if (a > t) | (i <= cut) else z
+            theta[i] = theta[i] + eta * (v - theta[i])
+
+
+@_compiled()
+def _eta(code, lr, mm, d2, l2_diameter):  # pragma: no cover - compiled
+    """``η``: ``clamp(lr·||m||/||θ - v||, 0, 1)`` (0 where ``θ = v``) for code 0 (gradient),
+    ``clamp(lr/D, 0, 1)`` for 1 (diameter), ``clamp(lr, 0, 1)`` for 2 (none); NaN stays."""
+    if code == 0:
+        eta = lr * math.sqrt(mm / d2) if d2 > 0 else 0.0
+    elif code == 1:
+        eta = lr / l2_diameter
+    else:
+        eta = lr
+    return min(max(eta, 0.0), 1.0) if eta == eta else eta
+
+
+@_compiled()
+def _apply(theta, m, t, cut, r, mm, code, lr, l2_diameter):  # pragma: no cover - compiled
+    """Passes 3 and 4 with ``η`` between them; returns ``η``."""
+    d2 = _distance_pass(theta, m, t, cut, r) if code == 0 else 0.0
+    eta = _eta(code, lr, mm, d2, l2_diameter)
+    _update_pass(theta, m, t, cut, r, m.dtype.type(eta))
+    return eta
+
+
+class TensorKernel:
+    """One tensor's compiled step: flat NumPy views, the threshold prediction, work arrays."""
+
+    def __init__(self, p: Tensor) -> None:
+        n = p.numel()
+        self.p, self.ptr = p, p.data_ptr()
+        self.theta = p.detach().view(-1).numpy()
+        self.m_view: tuple[int, np.ndarray] = (0, self.theta)
+        self.t_prev = self.mm_prev = 0.0
+        self.delta = 0.01
+        self.flags = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
+        self.words = self.flags.view(np.uint64)
+        self.band = np.empty(n, dtype=self.theta.dtype)
+        self.retries = 0  # band misses (tested)
+        self.full = 0  # full partitions of |m|
+
+    def momentum_(self, rho: float, st: dict[str, Any]) -> tuple[Tensor, np.ndarray, float]:
+        """``m ← ρm + (1-ρ)g`` (``m = g`` the first time); ``(m, m flat, ||m||²)``."""
+        p, mode = self.p, MODE_LERP
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            buf = st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
+            mode = MODE_FIRST
+        elif not buf.is_contiguous():
+            buf = st["momentum_buffer"] = buf.contiguous()
+        if self.m_view[0] != buf.data_ptr():
+            self.m_view = (buf.data_ptr(), buf.view(-1).numpy())
+        g = p.grad.detach()
+        if g.is_contiguous() and g.dtype == p.dtype:
+            g_np = g.view(-1).numpy()
+        else:  # unusual gradient layout: torch updates m, the kernel only reads it
+            buf.copy_(g) if mode == MODE_FIRST else buf.lerp_(g.to(buf.dtype), 1.0 - rho)
+            g_np, mode = self.m_view[1], MODE_READY
+        m = self.m_view[1]
+        return buf, m, float(_momentum_pass(m, g_np, m.dtype.type(1.0 - rho), mode))
+
+    def threshold(self, m: np.ndarray, k: int, mm: float, scratch: np.ndarray) -> tuple:
+        """The exact K-th largest ``|m_i|`` and how many entries reach it."""
+        n, dt = m.size, m.dtype.type
+        pred, status = 0.0, 1
+        if self.t_prev > 0 and self.mm_prev > 0 and mm > 0 and n > SMALL and 4 * k <= n:
+            pred = self.t_prev * math.sqrt(mm / self.mm_prev)
+            lo, hi = pred * (1.0 - self.delta), pred * (1.0 + self.delta)
+            for attempt in range(2):
+                status, t, count = _band_select(m, dt(lo), dt(hi), k, self.flags, self.words,
+                                                self.band)  # fmt: skip
+                if status == 0:
+                    break
+                self.retries += attempt == 0  # one wider band on the side that missed
+                lo, hi = (hi, 1.5 * hi) if status > 0 else (0.5 * lo, lo)
+        if pred == 0.0 or status != 0:
+            self.full += n > SMALL
+            t, count = _full_select(m, k, scratch)
+        t = float(t)
+        if pred > 0 and t > 0:  # the band follows the prediction's error
+            err = 0.001 + 2.5 * abs(t / pred - 1.0)
+            self.delta = min(0.25, max(0.002, err, 0.8 * self.delta))
+        self.t_prev, self.mm_prev = t, mm
+        return t, int(count)
+
+
+@torch.no_grad()
+def kernel_step_(
+    items: list[tuple[dict[str, Any], Tensor]],
+    state: dict[Tensor, dict[str, Any]],
+    cache: dict[int, TensorKernel],
+    scratch: dict[np.dtype, np.ndarray],
+) -> None:
+    """One SFW step of each ``(group, p)``: ``p`` a contiguous float32/float64 CPU tensor of a
+    K-sparse group. ``cache`` keeps each tensor's :class:`TensorKernel`, ``scratch`` one work
+    array per dtype; neither changes results."""
+    for group, p in items:
+        tk = cache.get(id(p))
+        if tk is None or tk.p is not p or tk.ptr != p.data_ptr():
+            tk = cache[id(p)] = TensorKernel(p)
+        buf, m, mm = tk.momentum_(group["momentum"], state[p])
+        if not math.isfinite(mm):  # NaN/inf in m: the reference orders NaN as torch does
+            tk.t_prev = 0.0
+            reference_update_(p, buf, group)
+            continue
+        n, k, radius = m.size, int(group["k"]), float(group["radius"])
+        work = scratch.get(m.dtype)
+        if work is None or work.size < n:
+            work = scratch[m.dtype] = np.empty(n, dtype=m.dtype)
+        t, count = tk.threshold(m, k, mm, work)
+        dt = m.dtype.type
+        cut = n
+        if count > k:  # ties at t: keep the lowest indices among them
+            above = count - int(np.count_nonzero(np.abs(m, out=work[:n]) == t))
+            cut = int(_tie_cut(m, dt(t), k - above))
+        code = RESCALE_CODES[group["rescale"]]
+        l2_diameter = 2.0 * radius * math.sqrt(k)  # the K-sparse polytope's
+        _apply(tk.theta, m, dt(t), cut, dt(radius), mm, code, float(group["lr"]), l2_diameter)
+        if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
+            _increment_version(p)
