@@ -102,3 +102,68 @@ def test_bad_arguments_raise(lenet300, kwargs, message):
 def test_sparse_linear_rejects_half_weights():
     with pytest.raises(ValueError, match="Invalid weight"):
         SparseLinear(torch.zeros(3, 4, dtype=torch.float16))
+
+
+def _transformer() -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True, dropout=0.0)
+    return nn.Sequential(nn.Linear(16, 32), layer, nn.Linear(32, 10))
+
+
+def test_transformer_linears_are_left_dense_and_the_copy_runs_in_eval():
+    # TransformerEncoderLayer's eval fast path (aten::_transformer_encoder_layer_fwd) and
+    # MultiheadAttention's out_proj take the weights themselves: no CSR kernel exists there
+    model = _transformer()
+    prune_(model, 0.9, scope="layer")
+    fast = to_sparse_inference(model, min_sparsity=0.5, min_numel=0)
+    assert isinstance(fast[0], SparseLinear) and isinstance(fast[2], SparseLinear)
+    layer = fast[1]
+    for inner in (layer.linear1, layer.linear2, layer.self_attn.out_proj):
+        assert type(inner) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    x = torch.randn(3, 5, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not fast.training
+
+
+def test_multihead_attention_in_user_code_is_left_alone():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(24, 3, batch_first=True)
+            self.head = nn.Linear(24, 24)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+    torch.manual_seed(1)
+    model = Block()
+    prune_(model, 0.9, scope="layer")
+    fast = to_sparse_inference(model, min_sparsity=0.5, min_numel=0)
+    assert isinstance(fast.head, SparseLinear) and not isinstance(fast.attn.out_proj, SparseLinear)
+    x = torch.randn(2, 4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_example_input_keeps_layers_whose_weight_is_used_directly_dense():
+    class Flipped(nn.Module):  # reads fc.weight itself instead of calling fc
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 30)
+            self.out = nn.Linear(30, 30)
+
+        def forward(self, x):
+            return self.out(nn.functional.linear(x, self.fc.weight.flip(0), self.fc.bias))
+
+    torch.manual_seed(2)
+    model = Flipped()
+    prune_(model, 0.9, scope="layer")
+    x = torch.randn(4, 20)
+    with pytest.raises(NotImplementedError):  # the static rule cannot see into forward
+        to_sparse_inference(model, min_sparsity=0.5, min_numel=0)(x)
+    fast = to_sparse_inference(model, min_sparsity=0.5, min_numel=0, example_input=x)
+    assert type(fast.fc) is nn.Linear and isinstance(fast.out, SparseLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)

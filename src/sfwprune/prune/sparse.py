@@ -110,24 +110,57 @@ class SparseLinear(nn.Module):
         )
 
 
+# torch.nn containers call their children as modules. Any other torch.nn module may use a child
+# Linear's weight directly or in a fused kernel (nn.MultiheadAttention passes out_proj.weight to
+# F.multi_head_attention_forward, nn.TransformerEncoderLayer's eval fast path hands every weight
+# to aten::_transformer_encoder_layer_fwd), where a CSR weight cannot go.
+_CALLING_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def calls_children(module: nn.Module) -> bool:
+    """Whether a child ``nn.Linear`` of ``module`` may be swapped for a :class:`SparseLinear`.
+
+    True for torch's containers and for modules whose classes all come from outside ``torch``
+    (user code, torchvision), which call their children; False for every other ``torch.nn``
+    module and its subclasses (attention, transformer layers, RNNs ...), left dense.
+    """
+    if isinstance(module, _CALLING_CONTAINERS):
+        return True
+    return not any(
+        cls.__module__.startswith("torch.")
+        for cls in type(module).__mro__
+        if cls not in (nn.Module, object)
+    )
+
+
 def to_sparse_inference(
     model: nn.Module,
     *,
     min_sparsity: float = DEFAULT_MIN_SPARSITY,
     min_numel: int = DEFAULT_MIN_NUMEL,
+    example_input: Tensor | tuple[Tensor, ...] | None = None,
+    atol: float = 1e-4,
 ) -> nn.Module:
     """A copy of ``model`` whose sparse ``nn.Linear`` layers compute with a CSR weight.
 
     A layer is converted when its weight has ``sparsity >= min_sparsity`` and at least
-    ``min_numel`` entries and is float32/float64. The defaults come from the benchmark on one
-    CPU thread: there CSR beat dense at batch 256 (2-7x) and broke even or won at batch 1, while
-    smaller or denser layers lost at batch 1 to the sparse kernel's fixed cost. The original
-    model is not changed.
+    ``min_numel`` entries and is float32/float64, and when every module above it calls its
+    children (:func:`calls_children`): linears inside ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` and other torch modules that use weights in fused kernels are
+    left dense. With ``example_input``, each conversion is also checked by running: a layer whose
+    conversion makes the model fail or change its output (beyond ``atol``, relative to the
+    output's scale) stays dense, which covers user code that reads ``self.fc.weight`` itself.
+    The defaults come from the benchmark on one CPU thread: there CSR beat dense at batch 256
+    (2-7x) and broke even or won at batch 1, while smaller or denser layers lost at batch 1 to
+    the sparse kernel's fixed cost. The original model is not changed.
 
     Args:
         model: a pruned network (e.g. after :func:`prune_`).
         min_sparsity: fraction of zeros a weight needs to be converted, in ``[0, 1]``.
         min_numel: smallest weight (in entries) worth converting.
+        example_input: optional input (a tensor or a tuple of positional tensors) to verify
+            each conversion on; costs one forward pass per candidate layer.
+        atol: tolerance of that check.
 
     Returns:
         The converted copy, in eval mode.
@@ -142,18 +175,63 @@ def to_sparse_inference(
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"Invalid min_numel: {min_numel!r} (expected an integer >= 0)")
     out = copy.deepcopy(model).eval()
+    if isinstance(out, nn.Linear):
+        if _worth_it(out.weight, min_sparsity, min_numel):
+            return SparseLinear.from_dense(out).eval()
+        return out
 
-    def convert(module: nn.Module) -> None:
+    candidates: list[tuple[nn.Module, str, nn.Linear]] = []
+
+    def collect(module: nn.Module) -> None:
+        if not calls_children(module):
+            return
         for name, child in module.named_children():
             if isinstance(child, nn.Linear) and _worth_it(child.weight, min_sparsity, min_numel):
-                setattr(module, name, SparseLinear.from_dense(child))
+                candidates.append((module, name, child))
             else:
-                convert(child)
+                collect(child)
 
-    if isinstance(out, nn.Linear) and _worth_it(out.weight, min_sparsity, min_numel):
-        return SparseLinear.from_dense(out).eval()
-    convert(out)
+    collect(out)
+    if example_input is None:
+        for parent, name, child in candidates:
+            setattr(parent, name, SparseLinear.from_dense(child))
+        return out
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    with torch.no_grad():
+        reference = out(*args)
+        for parent, name, child in candidates:
+            setattr(parent, name, SparseLinear.from_dense(child))
+            if not _same_output(out, args, reference, atol):
+                setattr(parent, name, child)
     return out
+
+
+def _same_output(model: nn.Module, args: tuple, reference: object, atol: float) -> bool:
+    try:
+        got = model(*args)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    ref_t = [t for t in _tensors(reference)]
+    got_t = [t for t in _tensors(got)]
+    if len(ref_t) != len(got_t):
+        return False
+    for r, g in zip(ref_t, got_t, strict=True):
+        if r.shape != g.shape or g.layout != torch.strided:
+            return False
+        scale = float(r.abs().max()) if r.numel() and r.is_floating_point() else 1.0
+        if not torch.allclose(g.to(r.dtype), r, rtol=0.0, atol=atol * max(1.0, scale)):
+            return False
+    return True
+
+
+def _tensors(obj: object) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
 
 
 def _worth_it(weight: Tensor, min_sparsity: float, min_numel: int) -> bool:
