@@ -260,3 +260,36 @@ def test_bad_groups(group, bad) -> None:
     with pytest.raises(ValueError, match="Invalid") as info:
         SFW([{"params": [w], **group}])
     assert bad in str(info.value)
+
+
+def test_weight_decay_key_is_refused() -> None:
+    model = _mlp()
+    groups = constraint_groups(model)
+    groups[0]["weight_decay"] = 5e-4
+    with pytest.raises(ValueError, match="Invalid weight_decay: 0.0005"):
+        SFW(groups)
+    with pytest.raises(ValueError, match="Invalid weight_decay"):
+        SFW([{"params": list(model.parameters()), "weight_decay": 0.0}])
+
+
+def test_unconstrained_groups_get_their_own_lr() -> None:
+    model = _mlp(bn=False)
+    x, y = _data()
+    groups = constraint_groups(model, include="weights", unconstrained_lr=0.05)
+    kinds = {g["name"]: g["constraint"] for g in groups}
+    assert kinds == {"0.weight": "k_sparse", "0.bias": "unconstrained",
+                     "2.weight": "k_sparse", "2.bias": "unconstrained"}  # fmt: skip
+    opt = SFW(groups, lr=0.7, momentum=0.0)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"0.weight": 0.7, "0.bias": 0.05, "2.weight": 0.7, "2.bias": 0.05}
+    bias = model[0].bias
+    before = bias.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grad = bias.grad.clone()
+    opt.step()  # momentum 0: m = g, θ ← θ - 0.05·g (not SFW's 0.7)
+    torch.testing.assert_close(bias.detach(), before - 0.05 * grad)
+    # the default matches torch SGD(lr=0.1, momentum=0.9): lr/(1-ρ) = 1.0
+    assert {g["lr"] for g in constraint_groups(_mlp(), include="weights")
+            if g["constraint"] == "unconstrained"} == {1.0}  # fmt: skip
+    with pytest.raises(ValueError, match="Invalid unconstrained_lr: -1"):
+        constraint_groups(_mlp(), unconstrained_lr=-1)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from ..params import is_weight
 from .base import ConstraintSet, check_positive
 from .group_k_sparse import GroupKSparsePolytope
 from .k_sparse import KSparsePolytope
@@ -139,8 +140,7 @@ def _include_fn(include: IncludeFn | str | None) -> IncludeFn:
     if include is None or include == "all":
         return lambda name, p: True
     if include == "weights":
-        # Conv and linear weights: the tensors with two or more dimensions.
-        return lambda name, p: p.dim() > 1
+        return is_weight  # the one meaning shared with prune_ (sfwprune.params)
     if callable(include):
         return include
     raise ValueError(
@@ -160,6 +160,7 @@ def constraint_groups(
     p: float | None = None,
     n: int = 2,
     m: int = 4,
+    unconstrained_lr: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One SFW param group per parameter tensor, each with its constraint set; moves params inside.
 
@@ -175,8 +176,13 @@ def constraint_groups(
         k_frac, k_min: K for the K-sparse and K-support sets.
         value, mode: the set's size, see above.
         include: which tensors get ``kind``; the rest are unconstrained. ``None``/``"all"``,
-            ``"weights"`` (tensors of dim >= 2), or ``fn(name, param) -> bool``.
+            ``"weights"`` (tensors of dim >= 2, :mod:`sfwprune.params`: exactly what ``prune_``
+            prunes by default), or ``fn(name, param) -> bool``.
         n, m: N and M of ``kind="n_m"``.
+        unconstrained_lr: the ``lr`` of the unconstrained groups, which SFW steps by
+            ``θ ← θ - lr·m`` (``m`` the exponential average of the gradients), independent of
+            SFW's ``lr`` (a fraction of the way to a vertex). 1.0 (default) is the same step as
+            ``torch.optim.SGD(lr=0.1, momentum=0.9)``: SGD's ``lr/(1-ρ)``.
 
     Structured kinds (REFERENCE §9) apply to the weights of ``nn.Linear`` / conv layers, with
     their rows (``weight.reshape(out, -1)``) as the unit; every other included tensor (biases,
@@ -205,6 +211,10 @@ def constraint_groups(
         raise ValueError(f"Invalid k_min: {k_min!r} (expected an integer >= 1)")
     if kind == "n_m":
         check_n_m(n, m)
+    if isinstance(unconstrained_lr, bool) or not (
+        isinstance(unconstrained_lr, (int, float)) and unconstrained_lr >= 0
+    ):
+        raise ValueError(f"Invalid unconstrained_lr: {unconstrained_lr!r} (expected a number >= 0)")
     chosen = _include_fn(include)
     init_norms = expected_init_norms(model) if mode == "initialization" else {}
     layers = [mod for mod in model.modules() if isinstance(mod, (nn.Linear, _ConvNd))]
@@ -236,6 +246,8 @@ def constraint_groups(
         with torch.no_grad():
             param.copy_(cset.shift_inside(param))
         groups.append({"params": [param], "name": name, **cset.to_group()})
+        if this_kind == "unconstrained":  # an SGD-like step: its own lr, not SFW's
+            groups[-1]["lr"] = float(unconstrained_lr)
     return groups
 
 
