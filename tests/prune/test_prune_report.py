@@ -101,3 +101,51 @@ def test_format_report_table():
 def test_bad_input_shape_raises(shape):
     with pytest.raises(ValueError, match="Invalid input_shape"):
         sparsity_report(hand_made(), input_shape=shape)
+
+
+def test_near_one_sparsity_never_prints_as_100_percent():
+    from sfwprune.prune.report import format_ratio, format_sparsity
+
+    assert format_sparsity(0.9999) == "99.99%" and format_sparsity(0.99999) == "99.999%"
+    assert format_sparsity(1 - 1e-7) == "99.99999%" and format_sparsity(1e-6) == "0.0001%"
+    assert format_sparsity(1.0) == "100.00%" and format_sparsity(0.0) == "0.00%"
+    assert format_sparsity(1 - 1e-12) == ">99.999999%"
+    assert format_ratio(float("inf"), "MACs") == "unbounded (no nonzero MACs left)"
+    assert format_ratio(2.0) == "2.00x"
+    net = nn.Linear(100, 100, bias=False)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.weight[0, 0] = 1.0
+    text = format_report(sparsity_report(net, input_shape=(100,)))
+    assert "99.99%" in text and "100.00%" not in text and "infx" not in text
+    with torch.no_grad():
+        net.weight.zero_()
+    text = format_report(sparsity_report(net, input_shape=(100,)))
+    assert "infx" not in text and "theoretical speedup unbounded (no nonzero MACs left)" in text
+
+
+class _TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.embed(ids)).mean(dim=1))
+
+
+def test_report_for_token_id_models():
+    model = _TokenModel()
+    ids = torch.randint(0, 50, (3, 7))
+    by_input = sparsity_report(model, example_input=ids)
+    by_dtype = sparsity_report(model, input_shape=(7,), input_dtype=torch.long)
+    assert by_input["totals"]["macs"] == by_dtype["totals"]["macs"] == 16 * 4  # head, per sample
+    rows = {r["name"]: r for r in by_input["layers"]}
+    assert rows["embed.weight"]["prunable"] and rows["head.weight"]["prunable"]
+    assert not rows["norm.weight"]["prunable"] and not rows["head.bias"]["prunable"]
+    assert by_input["totals"]["weight_params"] == 50 * 16 + 16 * 4
+    with pytest.raises(ValueError, match="input_shape or example_input, not both"):
+        sparsity_report(model, input_shape=(7,), example_input=ids)
+    with pytest.raises(ValueError, match="Invalid input_dtype"):
+        sparsity_report(model, input_shape=(7,), input_dtype="long")
