@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 from torch.nn.parameter import UninitializedParameter
+
+from ..params import weight_parameters
 
 Tensor = torch.Tensor
 
@@ -59,18 +60,13 @@ def check_options(
 def prunable_parameters(model: nn.Module, include: str = "weights") -> list[tuple[str, Tensor]]:
     """The ``(name, parameter)`` pairs that pruning ranks, in ``named_parameters`` order.
 
-    ``include="weights"``: the weights of ``nn.Linear`` and convolution layers;
-    ``include="all"``: every parameter (shared parameters once, under their first name).
+    ``include="weights"``: :func:`sfwprune.params.weight_parameters`, every parameter of dim
+    >= 2 (Linear, conv, Embedding, attention projections), the set ``constraint_groups``
+    constrains; ``include="all"``: every parameter (shared parameters once, under their first
+    name).
     """
     _check_choice("include", include, INCLUDES)
-    named = list(model.named_parameters())
-    if include == "weights":
-        ids = {
-            id(m.weight)
-            for m in model.modules()
-            if isinstance(m, (nn.Linear, _ConvNd)) and isinstance(m.weight, nn.Parameter)
-        }
-        named = [(n, p) for n, p in named if id(p) in ids]
+    named = weight_parameters(model) if include == "weights" else list(model.named_parameters())
     for name, p in named:
         if isinstance(p, UninitializedParameter):
             raise ValueError(f"Invalid model: parameter {name!r} is uninitialized (run a forward)")
