@@ -121,3 +121,57 @@ def test_evaluate_restores_mode_and_rejects_empty() -> None:
     assert model.training and 0 <= out["accuracy"] <= 100 and math.isfinite(out["loss"])
     with pytest.raises(ValueError, match="no batches"):
         evaluate(model, [])
+
+
+def test_fit_hooks_run_in_order_and_can_stop() -> None:
+    model = _model()
+    opt = build_optimizer(model, OptimizerSpec("sgd", lr=0.05))
+    calls: list[tuple] = []
+
+    def forward_backward(m, x, y):
+        calls.append(("step",))
+        out = m(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        return loss, out
+
+    history = fit(
+        model, _batches(), opt, epochs=5, eval_batches=_batches(seed=1),
+        on_epoch_start=lambda e: calls.append(("start", e)),
+        epoch_batches=lambda e, b: (calls.append(("batches", e)), b[:2])[1],
+        forward_backward=forward_backward,
+        after_train=lambda e, m: (calls.append(("after", e)), {**m, "extra": e})[1],
+        evaluate_fn=lambda: (calls.append(("eval",)), {"accuracy": 50.0, "loss": 1.0})[1],
+        on_epoch_end=lambda e, m: (calls.append(("end", e)), e == 1)[1],
+    )  # fmt: skip
+    # two epochs (the end hook stopped it), two batches each through the custom step
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["extra"] == 0 and history[1]["test_accuracy"] == 50.0
+    epoch0 = [("start", 0), ("batches", 0), ("step",), ("step",), ("after", 0), ("eval",),
+              ("end", 0)]  # fmt: skip
+    assert calls[: len(epoch0)] == epoch0 and len(calls) == 2 * len(epoch0)
+
+
+def test_fit_masks_changed_in_place_between_epochs_apply() -> None:
+    model = _model()
+    opt = build_optimizer(model, OptimizerSpec("sgd", lr=0.05))
+    masks: dict[str, torch.Tensor] = {}
+    weight = model[1].weight
+    keep = torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+
+    def sparse_from_second_epoch(epoch: int) -> None:  # an AC/DC-like switch
+        if epoch == 1:
+            masks["1.weight"] = keep
+
+    fit(model, _batches(), opt, epochs=2, masks=masks, on_epoch_start=sparse_from_second_epoch)
+    assert torch.all(weight[~keep] == 0) and torch.all(weight[keep] != 0)
+
+
+def test_label_smoothing_changes_the_loss() -> None:
+    losses = []
+    for smoothing in (0.0, 0.2):
+        model = _model()
+        opt = build_optimizer(model, OptimizerSpec("sgd", lr=1e-12))
+        losses.append(fit(model, _batches(), opt, epochs=1, label_smoothing=smoothing)[0])
+    assert losses[1]["train_loss"] != losses[0]["train_loss"]
+    assert losses[1]["train_accuracy"] == losses[0]["train_accuracy"]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
+from sfwprune.experiments.provenance import git_revision
 from sfwprune.experiments.report import write_report
-from sfwprune.experiments.reproduce import ReproduceConfig, run_reproduce
+from sfwprune.experiments.reproduce import ReproduceConfig, grid_revisions, run_reproduce
 
 
 def test_grid_runs_selects_and_reports(tmp_path) -> None:
@@ -22,7 +23,8 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
             run = model / method / f"seed{seed}"
             assert (run / "summary.json").is_file() and (run / "sweep-layer.json").is_file()
     assert (model / "sgd" / "seed0" / "sweep-random.json").is_file()
-    ft = json.loads((model / "sgd_finetune" / "seed1.json").read_text())
+    ft_path = model / "sgd_finetune" / "seed1.json"
+    ft = json.loads(ft_path.read_text())
     assert [r["sparsity"] for r in ft["rows"]] == [0.0, 0.5, 0.9]
     assert all(r["retrain_seconds"] > 0 for r in ft["rows"])
     assert abs(ft["rows"][2]["measured_sparsity"] - 0.9) < 1e-3
@@ -41,8 +43,16 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
     assert (model / "sfw" / "seed0" / "sweep.json").stat().st_mtime == sweep_mtime
     assert (model / "sfw" / "seed0" / "summary.json").stat().st_mtime == summary_mtime
 
+    # every results file carries the revision this process started with
+    assert list(grid_revisions(out)) == [git_revision()]
+    assert all(
+        json.loads(p.read_text())["provenance"]["git_revision"] == git_revision()
+        for p in [model / "best.json", model / "reproduce_config.json", ft_path]
+    )
+
     results = write_report(out, tmp_path / "RESULTS.md", tmp_path / "docs")
     text = results.read_text()
+    assert f"`{git_revision()}`" in text and "Code revision(s) behind these numbers (1;" in text
     for label in ("1. SGD + magnitude", "3. SGD + magnitude + fine-tune", "5. SFW + SFW-Init",
                   "7. SFW, best variant", "How it was measured"):  # fmt: skip
         assert label in text

@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = option(128, "global batch size (split over torchrun ranks)", low=1)
     schedule: str = option("step", "per-step lr schedule: step (÷10 at 1/3 and 2/3), cosine "
                            "or constant", choices=SCHEDULES)  # fmt: skip
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", low=0, high=1)
     sfw_init: bool = option(False, "learn the init scales first (SFW-Init)")
     sfw_init_iters: int | None = option(None, "SFW-Init iterations (default: one epoch)", low=1)
     data_dir: str | None = option(None, "folder holding the dataset's files")

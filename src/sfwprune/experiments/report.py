@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import _io
 from .plots import plot_accuracy_vs_sparsity, plot_weight_histograms
-from .reproduce import METHOD_ORDER, VARIANTS, best_run_dir, run_dir_of
+from .reproduce import METHOD_ORDER, VARIANTS, best_run_dir, grid_revisions, run_dir_of
 
 LABELS = {
     "sgd": "1. SGD + magnitude",
@@ -225,9 +225,16 @@ def write_report(
         sgd_cfg = _load(run_dir_of(out, model, "sgd", 0) / "config.json")
         if sgd_cfg and prov is None:
             prov = sgd_cfg["provenance"]
+    revisions: dict[str, int] = {}
+    for model in models:
+        for rev, paths in grid_revisions(out / model).items():
+            revisions[rev] = revisions.get(rev, 0) + len(paths)
     parts += [
         "## How it was measured",
         "",
+        f"- Code revision(s) behind these numbers ({len(revisions)}; results files each, "
+        "stamped when their process started): "
+        + (", ".join(f"`{rev}` ({n})" for rev, n in sorted(revisions.items())) or "none recorded"),
         *[f"- Grid settings, {m}: `{json.dumps(grids[m])}`" for m in models],
         f"- Provenance of the runs: `{json.dumps(prov)}`"
         if prov

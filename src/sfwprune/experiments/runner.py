@@ -303,7 +303,8 @@ def _train_run(
     if start_epoch < cfg.epochs:
         fit(
             net, loader, optimizer, epochs=cfg.epochs, scheduler=scheduler,
-            precision=cfg.precision, start_epoch=start_epoch, on_epoch_start=on_epoch_start,
+            precision=cfg.precision, label_smoothing=cfg.label_smoothing,
+            start_epoch=start_epoch, on_epoch_start=on_epoch_start,
             epoch_batches=None if quiet else functools.partial(_progress, cfg),
             after_train=after_train,
             evaluate_fn=lambda: _evaluate(ctx, model, evaluator, cfg.precision),
