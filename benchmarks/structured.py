@@ -1,0 +1,100 @@
+"""CPU latency of dense vs channel-pruned (physically smaller) models; prints JSON.
+
+For LeNet-5 (1×28×28), VGG-16 and ResNet-18 (3×32×32), each at 25 / 50 / 75% of the prunable
+channels removed (``structured_masks(..., scope="layer")`` then ``shrink``; in ResNet-18 only the
+block-internal convs lose channels, the residual-tied ones stay), at batch 1 and 256, one thread,
+eval mode, ``torch.inference_mode``. Variants are timed interleaved (one call of each per round)
+and the median per variant is reported with the speedup over dense. Weights are the seeded
+initialization: latency does not depend on their values.
+
+    PYTHONPATH=src python benchmarks/structured.py            # about 2-3 minutes
+    PYTHONPATH=src python benchmarks/structured.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from sfwprune.models import build_model
+from sfwprune.prune.shrink import shrink
+from sfwprune.prune.structured import structured_masks
+
+MODELS = {"lenet5": (1, 28, 28), "vgg16": (3, 32, 32), "resnet18": (3, 32, 32)}
+SPARSITIES = (0.25, 0.5, 0.75)
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def variants(name: str) -> dict[str, nn.Module]:
+    dense = build_model(name, input_shape=MODELS[name], num_classes=10, seed=0).eval()
+    out = {"dense": dense}
+    for s in SPARSITIES:
+        masks = structured_masks(dense, s, "channel", scope="layer")
+        out[f"channel_{s}"] = shrink(dense, masks).eval()
+    return out
+
+
+@torch.inference_mode()
+def time_interleaved(models: dict[str, nn.Module], x: torch.Tensor, rounds: int) -> dict:
+    for m in models.values():  # warm-up
+        m(x)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for key, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[key].append(time.perf_counter() - t0)
+    dense = statistics.median(times["dense"])
+    return {
+        key: {
+            "median_ms": round(1e3 * statistics.median(t), 3),
+            "speedup": round(dense / statistics.median(t), 2),
+            "rounds": len(t),
+        }
+        for key, t in times.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds, batch 256 skipped")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.time()
+    results: dict = {}
+    for name in MODELS:
+        models = variants(name)
+        entry: dict = {"params": {k: params(m) for k, m in models.items()}}
+        for batch in (1,) if args.quick else (1, 256):
+            if batch == 1:
+                rounds = 20 if args.quick else 200
+            else:
+                rounds = {"lenet5": 30, "vgg16": 5, "resnet18": 5}[name]
+            x = torch.randn(batch, *MODELS[name], generator=torch.Generator().manual_seed(0))
+            entry[f"batch_{batch}"] = time_interleaved(models, x, rounds)
+        results[name] = entry
+    report = {
+        "benchmark": "structured",
+        "results": results,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "wall_s": round(time.time() - start, 1),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
