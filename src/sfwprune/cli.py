@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ._checks import parse_sparsities, parse_sparsity
     from .experiments.config import TrainConfig
     from .experiments.flags import add_flags
+    from .experiments.prune import DTYPES
+    from .prune.masks import CRITERIA, INCLUDES, SCOPES
 
     parser = _Parser(
         prog="sfwprune",
@@ -63,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsities", type=_arg(parse_sparsities), help="comma-separated, e.g. 0,0.5,0.9"
     )
-    p.add_argument("--scope", default="global", help="global | layer")
-    p.add_argument("--include", default="weights", help="weights | all")
-    p.add_argument("--criterion", default="magnitude", help="magnitude | random")
+    p.add_argument("--scope", default="global", help=" | ".join(SCOPES))
+    p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
+    p.add_argument("--criterion", default="magnitude", help=" | ".join(CRITERIA))
     p.add_argument("--bn-recalibrate", action="store_true", help="recompute BN stats per level")
     p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
@@ -74,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--sparsity", type=_arg(parse_sparsity), required=True)
     p.add_argument("--out", type=Path, required=True, help="output file (.pt)")
-    p.add_argument("--scope", default="global", help="global | layer")
-    p.add_argument("--include", default="weights", help="weights | all")
-    p.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16")
+    p.add_argument("--scope", default="global", help=" | ".join(SCOPES))
+    p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
+    p.add_argument("--dtype", default="float32", help=" | ".join(DTYPES))
     p.add_argument("--bn-recalibrate", action="store_true")
 
     p = sub.add_parser("plot", help="accuracy vs sparsity (or --weights histogram) of runs")

@@ -65,7 +65,7 @@ class OptimizerSpec:
                               choices=MODES, aliases=("mode",))  # fmt: skip
     rescale: str | None = option("gradient", "step-size rescaling (none: plain lr)",
                                  choices=RESCALES)  # fmt: skip
-    constrained_tensors: str = option("all", "which tensors SFW constrains: all | weights (dim>=2)",
+    constrained_tensors: str = option("all", "which tensors SFW constrains (weights: dim >= 2)",
                                       choices=CONSTRAINED_TENSORS, aliases=("constrain",))  # fmt: skip
 
 

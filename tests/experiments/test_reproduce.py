@@ -58,3 +58,22 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
         assert label in text
     assert (tmp_path / "docs" / "repro_lenet300.png").is_file()
     assert (tmp_path / "docs" / "weights_lenet300.png").is_file()
+
+
+def test_grid_jobs_on_a_process_pool_follow_their_dependencies() -> None:
+    import concurrent.futures as cf
+    import multiprocessing
+    import operator
+
+    from sfwprune.experiments.reproduce import _Grid
+
+    log: list[str] = []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        grid = _Grid(pool, git_revision(), False, log.append)
+        grid.submit("a", operator.add, 1, 2,
+                    then=lambda: grid.submit("c", operator.mul, 2, 3))  # fmt: skip
+        grid.submit("b", operator.add, 3, 4)
+        grid.wait()
+    keys = [line.split()[1] for line in log]
+    assert sorted(keys) == ["a", "b", "c"] and keys.index("c") > keys.index("a")

@@ -49,14 +49,15 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         if choices is not None:
             text += f" ({' | '.join('none' if c is None else str(c) for c in choices)})"
         default = _default(f)
-        text += f"; default {'none' if default is None else default}"
+        if "default" not in text:  # a field may say its default itself ("None: ...")
+            text += f"; default {'none' if default is None else default}"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             parse = base if base in (int, float, str) else str
             kw["type"] = _none_or(parse) if choices is not None and None in choices else parse
-            kw["metavar"] = f.name.upper()
+            kw["metavar"] = names[0].upper()
         parser.add_argument(*flags, **kw)
 
 
