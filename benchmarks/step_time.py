@@ -1,18 +1,19 @@
-"""Training-step time: SGD(momentum) vs sfwprune.SFW vs a naive SFW, and the pruning sweep.
+"""Training-step time: SFW against SGD(momentum), wall and process CPU time, per thread count.
 
-Prints JSON. Per model, the median over many repeats of one full training step (zero_grad,
-forward, loss, backward, optimizer step) and of the optimizer step alone, for
-1. ``torch.optim.SGD(lr=0.01, momentum=0.9)``,
-2. ``sfwprune.SFW`` with the paper's K-sparse sets (``constraint_groups(model)``: k_frac 0.05,
-   value 15; lr 1, momentum 0.9, gradient rescale),
-3. a naive SFW written here: ``torch.topk`` per tensor, a dense vertex filled by scatter, a
-   separate pass for ``||θ - v||`` and a host sync (``.item()``) per tensor.
-The three run interleaved in one process (each repeat steps all three, in rotating order), on
-the same cycle of random batches, so a noisy neighbour slows them alike. For ResNet-18 it also
-times the sparsity sweep (one ranking for 19 levels) against 19 fresh prune+evaluate runs, and
-on CPU the top-K selection alone (``torch.topk`` vs the optimizer's) on large tensors.
+Prints JSON. Per model (LeNet-300-100 and LeNet-5 at batch 128, ResNet-18 at batch 32) and per
+torch thread count (each in its own process), the median over many repeats of one full training
+step (zero_grad, forward, loss, backward, optimizer step) and of the optimizer step alone, for
+``torch.optim.SGD(lr=0.01, momentum=0.9)`` and ``SFW(constraint_groups(model))`` with the
+defaults a user gets (k_frac 0.05, value 15, lr 1, momentum 0.9, gradient rescale,
+check_finite on), plus optional variants: ``sfw_batched`` (``fused=False``: the batched torch
+step instead of the compiled kernel), ``sfw_reference`` (``foreach=False``), ``naive_sfw``
+(``torch.topk`` per tensor, a dense vertex, a host sync per tensor). All run interleaved in one
+process (each repeat steps all, in rotating order) on the same batches, so a noisy neighbour
+slows them alike; the 1-minute load average is recorded with every model. The summary gives
+``wall_<variant>_over_sgd`` and ``cpu_<variant>_over_sgd`` per model and thread count.
 
-    python benchmarks/step_time.py --threads 1 [--repeats 200] [--device cpu|cuda] [--out f]
+    python benchmarks/step_time.py [--threads 1,2] [--repeats 300] [--variants sfw,sfw_batched]
+        [--device cpu|cuda] [--sweep-eval-batches 1] [--out f]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -131,8 +133,10 @@ def _sync(device: torch.device) -> None:
 
 
 def time_model(
-    name: str, device: torch.device, repeats: int, warmup: int, cpu_kernel: bool = True
+    name: str, device: torch.device, repeats: int, warmup: int, variants: list[str]
 ) -> dict:
+    """Median full step (zero_grad, forward, loss, backward, step) and optimizer step, wall and
+    process CPU time, of SGD and each SFW variant, interleaved in rotating order."""
     shape, batch = MODELS[name]
     torch.manual_seed(0)
     base = build(name, shape).to(device)
@@ -143,18 +147,25 @@ def time_model(
     runs: dict[str, tuple[nn.Module, object]] = {}
     model = copy.deepcopy(base)
     runs["sgd"] = (model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    model = copy.deepcopy(base)
-    sfw = sfwprune.SFW(sfwprune.constraint_groups(model), lr=1.0, momentum=0.9)
-    sfw._fast_cache.use_kernel = sfw._fast_cache.use_kernel and cpu_kernel
-    runs["sfw"] = (model, sfw)
-    model = copy.deepcopy(base)
-    runs["naive_sfw"] = (model, NaiveSFW(sfwprune.constraint_groups(model)))
+    for variant in variants:
+        model = copy.deepcopy(base)
+        groups = sfwprune.constraint_groups(model)
+        if variant == "sfw":  # the defaults a user gets
+            opt: object = sfwprune.SFW(groups)
+        elif variant == "sfw_batched":  # the batched torch step on CPU (no compiled kernel)
+            opt = sfwprune.SFW(groups, fused=False)
+        elif variant == "sfw_reference":
+            opt = sfwprune.SFW(groups, foreach=False)
+        else:
+            opt = NaiveSFW(groups)
+        runs[variant] = (model, opt)
     loss_fn = nn.CrossEntropyLoss()
     full: dict[str, list[float]] = {k: [] for k in runs}
     step: dict[str, list[float]] = {k: [] for k in runs}
     cpu_full: dict[str, list[float]] = {k: [] for k in runs}
     cpu_step: dict[str, list[float]] = {k: [] for k in runs}
     names = list(runs)
+    load_before = os.getloadavg()[0]
     for r in range(warmup + repeats):
         x, y = batches[r % len(batches)]
         for j in range(len(names)):
@@ -174,25 +185,27 @@ def time_model(
                 step[key].append(t2 - t1)
                 cpu_full[key].append(c2 - c0)
                 cpu_step[key].append(c2 - c1)
-    med_full = {k: statistics.median(v) * 1e3 for k, v in full.items()}
-    med_step = {k: statistics.median(v) * 1e3 for k, v in step.items()}
-    cpu = {k: statistics.median(v) * 1e3 for k, v in cpu_full.items()}
-    return {
+
+    def med(d: dict[str, list[float]]) -> dict[str, float]:
+        return {k: statistics.median(v) * 1e3 for k, v in d.items()}
+
+    wall, cpu = med(full), med(cpu_full)
+    out = {
         "batch": batch,
         "input_shape": list(shape),
         "params": sum(p.numel() for p in base.parameters()),
         "tensors": sum(1 for _ in base.parameters()),
-        "full_step_ms": med_full,
-        "optimizer_step_ms": med_step,
-        "full_sfw_over_sgd": med_full["sfw"] / med_full["sgd"],
-        "full_naive_over_sgd": med_full["naive_sfw"] / med_full["sgd"],
-        "step_naive_over_sfw": med_step["naive_sfw"] / med_step["sfw"],
-        "step_sfw_over_sgd": med_step["sfw"] / med_step["sgd"],
-        # Process CPU time (all threads): less sensitive to a busy machine than wall time.
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": [load_before, os.getloadavg()[0]],
+        "full_step_ms": wall,
         "full_step_cpu_ms": cpu,
-        "optimizer_step_cpu_ms": {k: statistics.median(v) * 1e3 for k, v in cpu_step.items()},
-        "cpu_full_sfw_over_sgd": cpu["sfw"] / cpu["sgd"],
+        "optimizer_step_ms": med(step),
+        "optimizer_step_cpu_ms": med(cpu_step),
     }
+    for k in variants:
+        out[f"wall_{k}_over_sgd"] = wall[k] / wall["sgd"]
+        out[f"cpu_{k}_over_sgd"] = cpu[k] / cpu["sgd"]
+    return out
 
 
 def time_sweep(device: torch.device, eval_batches: int) -> dict:
@@ -245,51 +258,6 @@ def time_sweep(device: torch.device, eval_batches: int) -> dict:
     }
 
 
-def time_topk(sizes: list[int], k_frac: float = 0.05, repeats: int = 30) -> dict:
-    """Top-K by magnitude on CPU: ``torch.topk`` vs :func:`select_top_k` (sampled threshold) vs
-    :class:`TopKTracker` (threshold predicted from the previous step, as the optimizer uses it).
-    """
-    import numpy as np
-
-    from sfwprune.optim.topk import TopKTracker, select_top_k
-
-    out = {}
-    gen = torch.Generator().manual_seed(0)
-    for n in sizes:
-        k = int(k_frac * n)
-        m = torch.randn(n, generator=gen)
-        times: dict[str, list[float]] = {"torch_topk": [], "select_top_k": [], "tracker": []}
-        tracker = TopKTracker()
-        for _ in range(repeats):
-            # momentum-like drift between calls, as in training
-            m.mul_(0.9).add_(torch.randn(n, generator=gen), alpha=0.1)
-            a, mn = m.abs(), m.numpy()
-            t0 = time.perf_counter()
-            torch.topk(a, k, sorted=False)
-            t1 = time.perf_counter()
-            select_top_k(np.abs(mn), k)
-            t2 = time.perf_counter()
-            tracker.select(mn, k, float(np.dot(mn, mn)))
-            t3 = time.perf_counter()
-            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                times[key].append(dt * 1e3)
-        med = {key: statistics.median(v) for key, v in times.items()}
-        out[str(n)] = {
-            "k": k,
-            "median_ms": med,
-            "topk_over_tracker": med["torch_topk"] / med["tracker"],
-        }
-    return out
-
-
-def _kernel_available() -> bool:
-    try:
-        from sfwprune.optim import cpu_kernel
-    except ImportError:
-        return False
-    return cpu_kernel.AVAILABLE
-
-
 def _provenance(device: torch.device) -> dict:
     try:
         from sfwprune.experiments.provenance import provenance
@@ -305,22 +273,36 @@ def _provenance(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    ap.add_argument("--threads", default="1,2",
+                    help="torch thread counts, comma-separated; each runs in its own process")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--repeats", type=int, default=200, help="timed steps per optimizer")
-    ap.add_argument("--warmup", type=int, default=10, help="untimed steps per optimizer first")
+    ap.add_argument("--repeats", type=int, default=300, help="timed steps per optimizer")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps per optimizer first")
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset")
     ap.add_argument("--resnet-repeats", type=int, default=None,
-                    help="repeats for resnet18 (default: 20 on cpu, else --repeats)")  # fmt: skip
-    ap.add_argument("--sweep-eval-batches", type=int, default=1, help="0 skips the sweep")
-    ap.add_argument("--topk-sizes", default="235200,2359296",
-                    help="tensor sizes for the CPU top-K comparison ('' skips it)")  # fmt: skip
-    ap.add_argument("--no-cpu-kernel", action="store_true",
-                    help="CPU: step with the NumPy kernels even where numba is installed")  # fmt: skip
+                    help="repeats for resnet18 (default: 40 on cpu, else --repeats)")  # fmt: skip
+    ap.add_argument("--variants", default="sfw",
+                    help="SFW variants beside SGD: sfw (defaults), sfw_batched (fused=False), "
+                    "sfw_reference (foreach=False), naive_sfw")  # fmt: skip
+    ap.add_argument("--sweep-eval-batches", type=int, default=0, help="0 skips the sweep")
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
     args = ap.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
+    if len(threads) > 1:  # one process per thread count: torch's pool is sized once
+        runs = {}
+        for t in threads:
+            cmd = [sys.executable, __file__, "--threads", str(t), "--device", args.device,
+                   "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+                   "--models", args.models, "--variants", args.variants,
+                   "--sweep-eval-batches", str(args.sweep_eval_batches)]  # fmt: skip
+            if args.resnet_repeats is not None:
+                cmd += ["--resnet-repeats", str(args.resnet_repeats)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            runs[str(t)] = json.loads(done.stdout)
+        result = {"benchmark": "step_time", "threads": runs, "summary": _summary(runs)}
+        _emit(result, args.out)
+        return 0
+    torch.set_num_threads(threads[0])
     device = torch.device(args.device)
     start = time.perf_counter()
     result: dict = {
@@ -330,32 +312,51 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "sfwprune": sfwprune.__version__,
         "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
         "repeats": args.repeats,
         "warmup": args.warmup,
         "load_average_at_start": list(os.getloadavg()),
-        # which CPU kernel the SFW step used: numba's compiled one, or NumPy's
-        "cpu_kernel": "numpy" if args.no_cpu_kernel or not _kernel_available() else "numba",
+        "numba_kernel": _kernel_available(),
         "models": {},
     }
+    variants = args.variants.split(",")
     for name in args.models.split(","):
         reps = args.repeats
         if name == "resnet18":
-            default = 20 if device.type == "cpu" else args.repeats
+            default = 40 if device.type == "cpu" else args.repeats
             reps = args.resnet_repeats if args.resnet_repeats is not None else default
-        timed = time_model(name, device, reps, args.warmup, not args.no_cpu_kernel)
+        timed = time_model(name, device, reps, args.warmup, variants)
         result["models"][name] = {"repeats": reps, **timed}
     if args.sweep_eval_batches > 0 and "resnet18" in args.models.split(","):
         result["sweep_resnet18"] = time_sweep(device, args.sweep_eval_batches)
-    if args.topk_sizes and device.type == "cpu":
-        result["topk_cpu"] = time_topk([int(n) for n in args.topk_sizes.split(",")])
     result["load_average_at_end"] = list(os.getloadavg())
     result["provenance"] = _provenance(device)
     result["wall_s"] = time.perf_counter() - start
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        atomic_write_json(args.out, result)
+    _emit(result, args.out)
     return 0
+
+
+def _kernel_available() -> bool:
+    from sfwprune.optim import _cpu_kernel
+
+    return _cpu_kernel.AVAILABLE
+
+
+def _summary(runs: dict[str, dict]) -> dict:
+    """``{model: {threads: {ratio: value}}}``: the SFW/SGD ratios, wall and CPU time."""
+    out: dict = {}
+    for t, run in runs.items():
+        for name, m in run["models"].items():
+            ratios = {k: round(v, 3) for k, v in m.items() if k.endswith("_over_sgd")}
+            ratios["load_average_1min"] = m["load_average_1min"]
+            out.setdefault(name, {})[t] = ratios
+    return out
+
+
+def _emit(result: dict, out: str | None) -> None:
+    print(json.dumps(result, indent=2))
+    if out:
+        atomic_write_json(out, result)
 
 
 if __name__ == "__main__":
