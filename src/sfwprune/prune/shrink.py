@@ -12,10 +12,11 @@ when it is zero in *all* of them. :func:`~sfwprune.prune.structured.structured_m
 these tied spaces, so in practice ResNet loses block-internal channels (each block's first conv
 and the matching inputs of its second).
 
-Why not Torch-Pruning (DepGraph)? It traces any network and would cover the zoo, but it is a new
-dependency for five fixed architectures, and exact equality with our masked models (BatchNorm
-scale/shift of dropped units, Flatten column blocks, residual ties) is simpler to own and test in
-~200 lines than to map onto its pruners.
+Why not Torch-Pruning (DepGraph)? It traces any network from an example input and would cover
+the zoo, but it would be a new dependency for five fixed architectures, it edits the model in place
+and its documentation has pruned models saved as pickled objects (not ``weights_only`` loadable);
+the zoo's channel spaces, exact equality with our masked models (BatchNorm entries of dropped
+units, Flatten column blocks, residual ties) and a plain widths spec are simpler to own here.
 
 Saving: ``shrink_spec(small)`` gives the widths of every resized layer as plain ints; with
 ``{"spec": ..., "state_dict": small.state_dict()}`` saved, ``resize_(build_model(...), spec)``
