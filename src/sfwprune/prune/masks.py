@@ -1,28 +1,33 @@
 """One-shot pruning masks: zero the ``s``-fraction of least important entries (REFERENCE §4).
 
-For a ranked set of ``N`` entries with scores ``a`` (``|w|`` or uniform noise), the pruned entries
-are the ``round(s·N)`` first ones in the order of ``(a_i, i)``: the smallest scores, ties broken by
-flat index (the order of a stable sort). ``scope="global"`` ranks all selected tensors as one set
-(one threshold for the whole model), ``scope="layer"`` ranks each tensor on its own.
+For a ranked set of ``N`` entries with scores ``a`` (``|w|``, Wanda's ``|w|·||X_j||`` or uniform
+noise), the pruned entries are the ``round(s·N)`` first ones in the order of ``(a_i, i)``: the
+smallest scores, ties broken by flat index (the order of a stable sort). ``scope="global"`` ranks
+all selected tensors as one set (one threshold for the whole model), ``scope="layer"`` ranks each
+tensor on its own.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parameter import UninitializedParameter
 
 from ..params import weight_parameters
+from .calibration import calibration_chunks, check_forward, feature_sq_sums, model_device
+from .reconstruct import check_calibration, reconstruct_
 
 Tensor = torch.Tensor
 
 SCOPES = ("global", "layer")
-CRITERIA = ("magnitude", "random")
+CRITERIA = ("magnitude", "random", "wanda")
 INCLUDES = ("weights", "all")
 
 
@@ -82,17 +87,69 @@ def ranked_sets(scope: str, count: int) -> list[list[int]]:
     return [list(range(count))] if scope == "global" else [[i] for i in range(count)]
 
 
+def wanda_norms(model: nn.Module, chunks: Iterable[Tensor]) -> dict[str, Tensor]:
+    """``{weight name: rms(X_j)}`` shaped like the weight, for every Linear/Conv2d layer.
+
+    ``rms(X_j) = ||X_j||₂ / √n``: the j-th input feature of the layer (conv: input channel ×
+    kernel position of the unfolded patches) over its ``n`` rows (samples × output positions).
+    """
+    names = {m: n for n, m in model.named_modules()}
+    out = {}
+    for module, sq, count in feature_sq_sums(model, chunks):
+        w = module.weight
+        g = sq.shape[0]
+        rms = (sq / max(count, 1)).sqrt().to(w.device)  # (groups, fan_in per group)
+        rms = rms.unsqueeze(1).expand(g, w.shape[0] // g, sq.shape[1]).reshape(w.shape)
+        out[f"{names[module]}.weight" if names[module] else "weight"] = rms
+    return out
+
+
+def calibration_norms(
+    model: nn.Module, criterion: str, calibration: Iterable[Any] | None
+) -> dict[str, Tensor] | None:
+    """Wanda's feature norms on the model as it is (``None`` for the other criteria)."""
+    if criterion != "wanda":
+        return None
+    if calibration is None:
+        raise ValueError("Invalid calibration: None (criterion 'wanda' needs calibration inputs)")
+    chunks = calibration_chunks(calibration, 256, model_device(model))
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        check_forward(model, chunks[0])
+        return wanda_norms(model, chunks)
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def flat_scores(
-    named: Sequence[tuple[str, Tensor]], criterion: str, generator: torch.Generator | None
+    named: Sequence[tuple[str, Tensor]],
+    criterion: str,
+    generator: torch.Generator | None,
+    norms: dict[str, Tensor] | None = None,
 ) -> list[Tensor]:
     """One flat score tensor per parameter; a low score means pruned first.
 
     Random scores are drawn in parameter order on the generator's device (CPU by default), so a
     seeded generator gives the same masks whatever device the model is on.
+
+    Wanda (``norms`` from :func:`calibration_norms`): ``|w_ij| · ||X_j||₂ / √n``. Within a layer
+    this is Wanda's score; the ``1/√n`` (n = rows: samples × output positions) makes it the RMS of
+    the entry's contribution ``w_ij x_j`` to its output, comparable across layers, so the global
+    ranking still decides how many entries each layer keeps. A parameter without input features
+    (a bias, whose input is the constant 1, or any non Linear/Conv2d weight) scores ``|w|``.
     """
     scores = []
     for name, p in named:
-        if criterion == "magnitude":
+        if criterion == "wanda":
+            s = p.detach().abs().to(torch.float64)
+            if norms is not None and name in norms:
+                s = s * norms[name]
+            s = s.reshape(-1)
+            if torch.isnan(s).any():
+                raise ValueError(f"Invalid weights: {name!r} contains NaN (cannot rank)")
+        elif criterion == "magnitude":
             s = p.detach().reshape(-1).abs()
             if s.dtype in (torch.float16, torch.bfloat16):
                 s = s.float()  # exact, and every selection/sort kernel takes float32
@@ -153,37 +210,51 @@ def prune_(
     criterion: str = "magnitude",
     include: str = "weights",
     generator: torch.Generator | None = None,
+    calibration: Iterable[Any] | None = None,
+    reconstruct: bool = False,
 ) -> dict[str, Tensor]:
     """Zero the ``sparsity``-fraction of least important entries in place; return keep masks.
 
-    Per ranked set of ``N`` entries, the ``round(s·N)`` entries first in ``(score, flat index)``
-    order are zeroed, where ``score = |w|`` (magnitude) or ``U(0, 1)`` noise (random). Entries that
-    were already zero count as zeros, so the measured sparsity is ``s`` within one element per set
-    (or higher if more than ``s·N`` entries were zero before).
+        Per ranked set of ``N`` entries, the ``round(s·N)`` entries first in ``(score, flat index)``
+        order are zeroed, where ``score = |w|`` (magnitude), ``|w_ij|·||X_j||₂/√n`` (wanda, see
+    :func:`flat_scores`) or ``U(0, 1)`` noise (random). Entries that
+        were already zero count as zeros, so the measured sparsity is ``s`` within one element per set
+        (or higher if more than ``s·N`` entries were zero before).
 
-    Args:
-        model: the network, changed in place.
-        sparsity: target fraction of zeros in ``[0, 1]``.
-        scope: ``"global"`` (one ranking over all selected tensors, the paper's choice) or
-            ``"layer"`` (each tensor pruned to the same sparsity).
-        criterion: ``"magnitude"`` (smallest ``|w|`` first) or ``"random"``.
-        include: ``"weights"`` (conv and linear weights) or ``"all"`` (every parameter).
-        generator: random source for ``criterion="random"`` (default: the global one).
+        Args:
+            model: the network, changed in place.
+            sparsity: target fraction of zeros in ``[0, 1]``.
+            scope: ``"global"`` (one ranking over all selected tensors, the paper's choice) or
+                ``"layer"`` (each tensor pruned to the same sparsity).
+            criterion: ``"magnitude"`` (smallest ``|w|`` first), ``"wanda"`` (needs ``calibration``)
+                or ``"random"``.
+            include: ``"weights"`` (conv and linear weights) or ``"all"`` (every parameter).
+            generator: random source for ``criterion="random"`` (default: the global one).
+            calibration: input batches (tensors or ``(inputs, targets)`` pairs, labels unused) for
+                ``criterion="wanda"`` and ``reconstruct=True``.
+            reconstruct: after masking, re-solve the kept weights and biases layer by layer to match
+                the dense network's outputs on ``calibration`` (:func:`reconstruct_`, default options;
+                BatchNorm statistics re-estimated). Calibration errors raise before anything changes.
 
-    Returns:
-        ``{parameter name: bool tensor}``, ``True`` where the entry is kept.
+        Returns:
+            ``{parameter name: bool tensor}``, ``True`` where the entry is kept.
 
-    Example:
-        >>> net = nn.Linear(4, 1, bias=False)
-        >>> _ = net.weight.data.copy_(torch.tensor([[0.3, -0.1, 2.0, 0.2]]))
-        >>> prune_(net, 0.5)["weight"]
-        tensor([[ True, False,  True, False]])
+        Example:
+            >>> net = nn.Linear(4, 1, bias=False)
+            >>> _ = net.weight.data.copy_(torch.tensor([[0.3, -0.1, 2.0, 0.2]]))
+            >>> prune_(net, 0.5)["weight"]
+            tensor([[ True, False,  True, False]])
     """
     sparsity = check_sparsity(sparsity)
     check_options(scope, criterion, include, generator)
     named = prunable_parameters(model, include)
     params = [p for _, p in named]
-    scores = flat_scores(named, criterion, generator)
+    if reconstruct:
+        calibration = check_calibration(model, calibration)
+    scores = flat_scores(
+        named, criterion, generator, calibration_norms(model, criterion, calibration)
+    )
+    dense = copy.deepcopy(model) if reconstruct else None
     masks: dict[str, Tensor] = {}
     for members in ranked_sets(scope, len(named)):
         score = concat([scores[i] for i in members])
@@ -193,4 +264,7 @@ def prune_(
         ):
             params[i].masked_fill_(~keep, 0)
             masks[named[i][0]] = keep
-    return {name: masks[name] for name, _ in named}
+    masks = {name: masks[name] for name, _ in named}
+    if dense is not None:
+        reconstruct_(model, masks, calibration, dense=dense)
+    return masks

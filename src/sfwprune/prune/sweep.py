@@ -4,10 +4,15 @@ The entries are ranked once (a stable argsort of the scores per ranked set); lev
 the first ``round(s·N)`` of that order, which is the mask :func:`prune_` would give. Between
 levels the ranked tensors (and BatchNorm buffers) are restored from one saved copy, so memory is
 one copy of the pruned tensors, not one model per level, and the model ends bit-identical.
+With ``reconstruct=True`` the saved copy covers every parameter and buffer, and one dense copy of
+the model is the reconstruction target of every level.
 """
 
 from __future__ import annotations
 
+import copy
+import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +21,7 @@ from torch import nn
 
 from .bn import batchnorm_modules, recalibrate_bn
 from .masks import (
+    calibration_norms,
     check_options,
     check_sparsity,
     concat,
@@ -25,6 +31,7 @@ from .masks import (
     ranked_sets,
     split_masks,
 )
+from .reconstruct import check_calibration, reconstruct_
 
 Tensor = torch.Tensor
 
@@ -44,12 +51,14 @@ class Ranking:
         criterion: str = "magnitude",
         include: str = "weights",
         generator: torch.Generator | None = None,
+        calibration: Iterable[Any] | None = None,
     ):
         check_options(scope, criterion, include, generator)
         self.named = prunable_parameters(model, include)
         self.params = [p for _, p in self.named]
         self.numel = sum(p.numel() for p in self.params)
-        scores = flat_scores(self.named, criterion, generator)
+        norms = calibration_norms(model, criterion, calibration)
+        scores = flat_scores(self.named, criterion, generator, norms)
         self.sets = ranked_sets(scope, len(self.params))
         # order[j]: flat indices of set j, least important first; ties by index (stable sort)
         self.orders = [
@@ -90,12 +99,16 @@ def sparsity_sweep(
     sparsities: Iterable[float],
     *,
     bn_batches: Iterable[Any] | None = None,
+    calibration: Iterable[Any] | None = None,
+    reconstruct: bool = False,
+    progress: bool | None = None,
     **prune_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Prune to each sparsity from one ranking, evaluate, restore; one row per level.
 
     Level ``s`` zeroes the first ``round(s·N)`` entries of the ranking (as :func:`prune_`), then
-    optionally recalibrates BatchNorm on ``bn_batches``, then calls ``evaluate(model)``.
+    optionally re-solves the kept weights (``reconstruct``), recalibrates BatchNorm on
+    ``bn_batches``, then calls ``evaluate(model)``.
 
     Args:
         model: the trained network; bit-identical (parameters, buffers, training flags) on return,
@@ -104,12 +117,21 @@ def sparsity_sweep(
         sparsities: target fractions of zeros, each in ``[0, 1]``.
         bn_batches: if given, BatchNorm stats are recomputed on these batches at every level
             (a re-iterable such as a list or DataLoader; an iterator is read once into a list).
+        calibration: input batches (labels unused) for ``criterion="wanda"`` and ``reconstruct``;
+            read once.
+        reconstruct: re-solve every level's kept weights and biases against the dense model's
+            layer outputs on ``calibration`` (:func:`reconstruct_`, which also re-estimates
+            BatchNorm statistics on ``calibration``).
+        progress: a tqdm bar over the levels (shown after 2 s); ``None``: when ``reconstruct``
+            and stderr is a terminal.
         **prune_kwargs: ``scope``, ``criterion``, ``include``, ``generator`` as for
             :func:`prune_`.
 
     Returns:
-        Rows ``{"sparsity", "measured_sparsity", "accuracy", "loss", ...}`` in the order given;
-        ``measured_sparsity`` is the fraction of zeros among the ranked entries.
+        Rows ``{"sparsity", "measured_sparsity", "accuracy", "loss", "seconds", ...}`` in the
+        order given; ``measured_sparsity`` is the fraction of zeros among the ranked entries,
+        ``seconds`` the wall time of the level's masking, reconstruction and BatchNorm
+        recalibration (not of ``evaluate``).
 
     Example:
         >>> rows = sparsity_sweep(net, lambda m: evaluate(m, loader), [0.5, 0.9, 0.99])
@@ -124,21 +146,43 @@ def sparsity_sweep(
         )
     if not callable(evaluate):
         raise ValueError(f"Invalid evaluate: {evaluate!r} (expected model -> dict)")
-    ranking = Ranking(model, **prune_kwargs)
+    chunks = check_calibration(model, calibration) if reconstruct else None
+    if chunks is not None:
+        calibration = chunks
+    ranking = Ranking(model, calibration=calibration, **prune_kwargs)
     bn_batches = _replayable(bn_batches)
-    saved = [(p, p.detach().clone()) for p in ranking.params]
-    saved += [(b, b.clone()) for m in batchnorm_modules(model) for b in m.buffers(recurse=False)]
+    if reconstruct:
+        dense = copy.deepcopy(model)
+        saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
+    else:
+        saved = [(p, p.detach().clone()) for p in ranking.params]
+        saved += [
+            (b, b.clone()) for m in batchnorm_modules(model) for b in m.buffers(recurse=False)
+        ]
     flags = [(m, m.training) for m in model.modules()]
+    if progress is None:
+        progress = reconstruct and sys.stderr.isatty()
     rows = []
     try:
-        for sparsity in levels:
+        bar: Iterable[float] = levels
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(levels, desc="sparsity sweep", unit="level", delay=2.0, leave=False)
+        for sparsity in bar:
+            start = time.perf_counter()
             _restore(saved)
+            masks = ranking.masks(sparsity)
             with torch.no_grad():
-                for p, keep in zip(ranking.params, ranking.masks(sparsity).values(), strict=True):
+                for p, keep in zip(ranking.params, masks.values(), strict=True):
                     p.masked_fill_(~keep, 0)
+            if reconstruct:
+                reconstruct_(model, masks, chunks, dense=dense)
+            with torch.no_grad():
                 zeros = sum(int((p == 0).sum()) for p in ranking.params)
             if bn_batches is not None:
                 recalibrate_bn(model, bn_batches)
+            seconds = time.perf_counter() - start
             metrics = evaluate(model)
             missing = {"accuracy", "loss"} - set(metrics)
             if missing:
@@ -150,6 +194,7 @@ def sparsity_sweep(
                 "measured_sparsity": zeros / ranking.numel,
                 "accuracy": float(metrics["accuracy"]),
                 "loss": float(metrics["loss"]),
+                "seconds": seconds,
             }
             row.update({k: v for k, v in metrics.items() if k not in row})
             rows.append(row)

@@ -1,0 +1,218 @@
+"""Calibration inputs for one-shot pruning: validation, chunking, layers as linear maps (§8).
+
+A ``Linear`` maps rows ``x`` (its last dimension) to ``x Wᵀ + b``. A ``Conv2d`` is the same map
+over unfolded patches: ``unfold(x)`` gives one row of ``C/groups·kh·kw`` features per output
+position and group, and the conv is ``rows @ W_gᵀ + b_g`` per group ``g`` (``W_g`` the group's
+filters flattened in ``(c, kh, kw)`` order, as ``weight.reshape(out, -1)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensor = torch.Tensor
+
+LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def calibration_chunks(
+    calibration: Iterable[Any] | None, chunk: int, device: torch.device
+) -> list[Tensor]:
+    """The calibration inputs as a list of tensors of at most ``chunk`` samples on ``device``.
+
+    ``calibration``: an iterable of input tensors or ``(inputs, targets, ...)`` pairs (labels are
+    ignored). Raises ``ValueError`` (one line) if it is missing, empty, not tensors, of mixed
+    per-sample shapes, or not finite.
+    """
+    if calibration is None:
+        raise ValueError("Invalid calibration: None (expected batches of input tensors)")
+    if isinstance(calibration, Tensor):
+        calibration = [calibration]
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"Invalid chunk: {chunk!r} (expected a positive int)")
+    out: list[Tensor] = []
+    shape = None
+    for batch in calibration:
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(x, Tensor) or x.dim() < 1 or not x.is_floating_point():
+            raise ValueError(
+                f"Invalid calibration batch: {type(x).__name__} "
+                "(expected a floating tensor or an (inputs, ...) tuple)"
+            )
+        if shape is None:
+            shape = x.shape[1:]
+        elif x.shape[1:] != shape:
+            raise ValueError(
+                f"Invalid calibration batch shape: {tuple(x.shape)} (expected (N, *{tuple(shape)}))"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("Invalid calibration: inputs contain NaN or inf")
+        out.extend(torch.split(x.detach().to(device), chunk))
+    out = [x for x in out if len(x)]
+    if not out:
+        raise ValueError("Invalid calibration: empty (expected at least one input)")
+    return out
+
+
+def check_forward(model: nn.Module, x: Tensor) -> None:
+    """Run ``model`` on one chunk; a failure (e.g. a wrong input shape) becomes a ValueError."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"Invalid calibration input shape: {tuple(x.shape)} (the model fails on it: {first})"
+        ) from None
+
+
+def groups_of(module: nn.Module) -> int:
+    return module.groups if isinstance(module, nn.Conv2d) else 1
+
+
+def as_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """A layer's input as rows of features: ``(groups, rows, fan_in_per_group)``.
+
+    Linear: ``x.reshape(-1, in_features)``. Conv2d: ``unfold`` of the (padded) input, one row per
+    sample and output position.
+    """
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        padding: Any = 0
+    else:
+        padding = module.padding
+    if isinstance(padding, str):  # "same" / "valid": pad as Conv2d does
+        if padding == "valid":
+            padding = 0
+        else:
+            pads = module._reversed_padding_repeated_twice
+            x = F.pad(x, pads)
+            padding = 0
+    cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+    g = module.groups
+    n, f, length = cols.shape  # f = C·kh·kw, channel-major: group blocks are contiguous
+    return cols.view(n, g, f // g, length).permute(1, 0, 3, 2).reshape(g, n * length, f // g)
+
+
+def out_rows(module: nn.Module, y: Tensor) -> Tensor:
+    """A layer's output as ``(groups, rows, out_per_group)``, rows ordered as :func:`as_rows`."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(1, -1, y.shape[-1])
+    g = module.groups
+    n, o = y.shape[:2]
+    return y.reshape(n, g, o // g, -1).permute(1, 0, 3, 2).reshape(g, -1, o // g)
+
+
+def weight_matrix(module: nn.Module) -> Tensor:
+    """The weight as ``(groups, out_per_group, fan_in_per_group)``, a view of the parameter."""
+    g = groups_of(module)
+    w = module.weight
+    return w.view(g, w.shape[0] // g, -1)
+
+
+class _Stop(Exception):
+    """Raised in a hook to end a forward once the wanted layer has been seen."""
+
+
+def forward_order(model: nn.Module, x: Tensor) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the Linear/Conv2d layers in the order a forward on ``x`` calls them.
+
+    A layer called more than once per forward (shared) is not supported: ValueError.
+    """
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    seen: list[nn.Module] = []
+    calls: dict[nn.Module, int] = {}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        if calls[module] == 1:
+            seen.append(module)
+
+    handles = [m.register_forward_pre_hook(hook) for m in names]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    shared = [names[m] for m, c in calls.items() if c > 1]
+    if shared:
+        raise ValueError(f"Invalid model: layers {shared} are called more than once per forward")
+    return [(names[m], m) for m in seen]
+
+
+def capture(
+    model: nn.Module, module: nn.Module, x: Tensor, *, output: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Input (and output if ``output``) of ``module`` when ``model`` runs on ``x``.
+
+    The forward stops right after ``module``: later layers (and in-place ops) never run.
+    """
+    got: dict[str, Tensor] = {}
+
+    def pre(m: nn.Module, args: Any) -> None:
+        got["x"] = args[0].detach()
+        if not output:
+            raise _Stop
+
+    def post(m: nn.Module, args: Any, out: Tensor) -> None:
+        got["y"] = out.detach().clone()
+        raise _Stop
+
+    handles = [module.register_forward_pre_hook(pre)]
+    if output:
+        handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if "x" not in got:
+        raise ValueError("Invalid model: a layer was not called in the forward")
+    return got["x"], got.get("y")
+
+
+def feature_sq_sums(
+    model: nn.Module, chunks: Iterable[Tensor]
+) -> Iterator[tuple[nn.Module, Tensor, int]]:
+    """Per Linear/Conv2d layer: ``Σ_rows x_j²`` per input feature ``j`` (float64) and the row count.
+
+    Features are those of :func:`as_rows` (conv: input channel × kernel position), flattened over
+    groups in the weight's ``(c, kh, kw)`` order, so the result reshapes like one filter.
+    """
+    sums: dict[nn.Module, list[Any]] = {}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        rows = as_rows(module, args[0].detach())  # (g, rows, f)
+        sq = rows.to(torch.float64).pow(2).sum(1)  # (g, f)
+        entry = sums.setdefault(module, [0, 0])
+        entry[0] = entry[0] + sq
+        entry[1] += rows.shape[1]
+
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, LAYERS)]
+    try:
+        with torch.no_grad():
+            for x in chunks:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for module, (sq, count) in sums.items():
+        yield module, sq, count

@@ -1,0 +1,119 @@
+"""Masked least squares from accumulated statistics: exact per-unit solves and SparseGPT's OBS.
+
+For one layer (or conv group) with inputs ``X`` (rows × d, a ones column last for the bias) and
+targets ``Y`` (rows × out), given ``H = XᵀX``, ``B = XᵀY`` and a keep mask ``S_r`` per output unit
+``r``, both solvers minimize ``||Y_r − X w||² + λ||w||²`` over ``w`` with ``w_j = 0`` for ``j ∉ S_r``:
+
+- ``solve_exact``: ``w_S = (H_SS + λI)⁻¹ B_S,r`` per unit (batched Cholesky solves); cost
+  ``Σ_r |S_r|³ / 3``.
+- ``solve_obs``: SparseGPT (Frantar & Alistarh 2023) with the mask fixed: start from the dense
+  optimum ``W* = (H + λI)⁻¹ B``, then visit the columns in order; a pruned entry is zeroed and its
+  error ``(w_j − 0) / U_jj`` is spread over the later columns with the row ``U_j,j:`` of the upper
+  Cholesky factor ``U`` of ``(H + λI)⁻¹``. Cost ``O(d³ + out·d²)``. Exact when nothing is pruned
+  (or only the last columns are); otherwise earlier kept entries are not revisited, an
+  approximation of the same objective.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+SOLVERS = ("auto", "exact", "obs")
+# below this many flops the exact solves always win (a second or so on one CPU thread)
+EXACT_LIMIT = 5e8
+# batched small Cholesky solves plus the gathers run ~3x slower per flop than the one large
+# factorization of OBS (measured on ResNet-18 layers, one CPU thread: 6.0 s exact vs 4.1 s OBS
+# at an estimated 1.4x fewer exact flops)
+EXACT_COST_FACTOR = 3.0
+# float64 elements of one batch of gathered H_SS blocks in solve_exact (64 MiB)
+BATCH_ELEMENTS = 2**23
+
+
+def ridge_of(H: Tensor, ridge: float) -> float:
+    """``λ = ridge × mean(diag H)`` (``ridge`` itself when the diagonal is all zero)."""
+    mean = float(H.diagonal().mean())
+    return ridge * mean if mean > 0 else ridge
+
+
+def choose(keep: Tensor, solver: str) -> str:
+    """``"exact"`` or ``"obs"`` for a ``(out, d)`` keep mask: the cheaper in flops, exact if small."""
+    if solver != "auto":
+        return solver
+    out, d = keep.shape
+    k = keep.sum(1).to(torch.float64)
+    exact = EXACT_COST_FACTOR * float((k**3 / 3 + k**2).sum())
+    obs = 4 / 3 * float(d) ** 3 + 4 * out * float(d) ** 2
+    return "exact" if exact <= max(obs, EXACT_LIMIT) else "obs"
+
+
+def solve_exact(H: Tensor, B: Tensor, keep: Tensor, lam: float) -> Tensor:
+    """``(out, d)`` weights: per unit ``r``, ``w_S = (H_SS + λI)⁻¹ B_S,r``, zero elsewhere.
+
+    Units are sorted by ``|S_r|`` and solved in batches, each padded to its largest ``|S|`` with
+    identity rows (whose solution is 0), so memory stays within ``BATCH_ELEMENTS``.
+    """
+    out, d = keep.shape
+    W = H.new_zeros(out, d)
+    counts = keep.sum(1)
+    order = torch.argsort(counts, stable=True)
+    sizes = counts[order].tolist()
+    start = 0
+    while start < out:
+        if sizes[start] == 0:
+            start += 1
+            continue
+        end = start + 1
+        while end < out and (end - start + 1) * sizes[end] ** 2 <= BATCH_ELEMENTS:
+            end += 1
+        units = order[start:end]
+        km = sizes[end - 1]
+        # kept indices first (in index order), then padding
+        idx = torch.argsort((~keep[units]).to(torch.int8), dim=1, stable=True)[:, :km]
+        valid = torch.arange(km, device=H.device) < counts[units].unsqueeze(1)
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        A = torch.where(both, H[idx.unsqueeze(2), idx.unsqueeze(1)], 0.0)
+        A.diagonal(dim1=1, dim2=2).add_(torch.where(valid, lam, 1.0))
+        rhs = torch.where(valid, B[idx, units.unsqueeze(1)], 0.0).unsqueeze(2)
+        x = torch.cholesky_solve(rhs, torch.linalg.cholesky(A)).squeeze(2)
+        rows = units.unsqueeze(1).expand_as(idx)
+        W.index_put_((rows[valid], idx[valid]), x[valid])
+        start = end
+    return W
+
+
+def solve_obs(H: Tensor, B: Tensor, keep: Tensor, lam: float, block: int = 128) -> Tensor:
+    """``(out, d)`` weights by SparseGPT's column-by-column OBS update with the mask ``keep``."""
+    d = H.shape[0]
+    Hl = H.clone()
+    Hl.diagonal().add_(lam)
+    L = torch.linalg.cholesky(Hl)
+    W = torch.cholesky_solve(B, L).T.contiguous()  # (out, d): the dense optimum
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    for i1 in range(0, d, block):
+        i2 = min(i1 + block, d)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            e = torch.where(keep[:, i1 + i], 0.0, w) / U1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+    return W.masked_fill_(~keep, 0.0)
+
+
+def solve(H: Tensor, B: Tensor, keep: Tensor, ridge: float, solver: str) -> tuple[Tensor, str]:
+    """Weights ``(out, d)`` for one layer/group and the solver used (see the module docstring)."""
+    name = choose(keep, solver)
+    lam = ridge_of(H, ridge)
+    W = solve_exact(H, B, keep, lam) if name == "exact" else solve_obs(H, B, keep, lam)
+    return W, name
+
+
+def quadratic_error(H: Tensor, B: Tensor, yy: Tensor, W: Tensor) -> float:
+    """``Σ_r ||Y_r − X w_r||² = Σ_r (yᵀy − 2 w_rᵀB_r + w_rᵀ H w_r)`` from the statistics."""
+    return float(yy.sum() - 2 * (W * B.T).sum() + ((W @ H) * W).sum())

@@ -1,0 +1,244 @@
+"""Reconstruction: exact solves vs brute force, conv as unfold-matmul, solvers agree, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfwprune.models.registry import build_model
+from sfwprune.prune import prune_, reconstruct_
+from sfwprune.prune.calibration import as_rows, out_rows, weight_matrix
+from sfwprune.prune.solvers import choose, quadratic_error, ridge_of, solve_exact, solve_obs
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def stats(seed: int = 0, rows: int = 60, d: int = 9, out: int = 4, p_keep: float = 0.5):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    Y = torch.randn(rows, out, generator=g, dtype=torch.float64)
+    keep = torch.rand(out, d, generator=g) < p_keep
+    keep[0] = True  # one full row, one empty row
+    keep[1] = False
+    return X, Y, keep
+
+
+def brute_force(X, Y, keep, lam):
+    """Per unit: lstsq of [X_S; √λ I] w = [y; 0] (the ridge objective, no normal equations)."""
+    W = torch.zeros(keep.shape, dtype=X.dtype)
+    for r in range(keep.shape[0]):
+        S = keep[r].nonzero().squeeze(1)
+        if len(S) == 0:
+            continue
+        A = torch.cat([X[:, S], lam**0.5 * torch.eye(len(S), dtype=X.dtype)])
+        b = torch.cat([Y[:, r], torch.zeros(len(S), dtype=X.dtype)])
+        W[r, S] = torch.linalg.lstsq(A, b.unsqueeze(1)).solution.squeeze(1)
+    return W
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_solver_equals_brute_force_least_squares(seed, monkeypatch):
+    X, Y, keep = stats(seed)
+    lam = 0.05
+    want = brute_force(X, Y, keep, lam)
+    got = solve_exact(X.T @ X, X.T @ Y, keep, lam)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # tiny batches: the padding and batching logic gives the same answer
+    monkeypatch.setattr("sfwprune.prune.solvers.BATCH_ELEMENTS", 10)
+    torch.testing.assert_close(solve_exact(X.T @ X, X.T @ Y, keep, lam), want)
+
+
+def test_obs_is_exact_without_pruning_and_agrees_with_exact_solves():
+    X, Y, _ = stats(3, rows=200, d=30, out=6)
+    H, B, yy = X.T @ X, X.T @ Y, (Y**2).sum(0)
+    full = torch.ones(6, 30, dtype=torch.bool)
+    torch.testing.assert_close(solve_obs(H, B, full, 1e-3), solve_exact(H, B, full, 1e-3))
+    for p_keep in (0.7, 0.3):
+        keep = torch.rand(6, 30, generator=torch.Generator().manual_seed(4)) < p_keep
+        we, wo = solve_exact(H, B, keep, 1e-3), solve_obs(H, B, keep, 1e-3, block=7)
+        assert not wo[~keep].any()
+        e_exact, e_obs = quadratic_error(H, B, yy, we), quadratic_error(H, B, yy, wo)
+        e_zero = quadratic_error(H, B, yy, torch.zeros_like(we))
+        assert e_exact <= e_obs + 1e-9  # exact is optimal for the mask
+        assert e_obs <= e_exact + 0.1 * (e_zero - e_exact)  # OBS gets most of the way
+
+
+def test_quadratic_error_matches_residual():
+    X, Y, keep = stats(5)
+    W = torch.randn(keep.shape, dtype=torch.float64) * keep
+    direct = float(((Y - X @ W.T) ** 2).sum())
+    assert quadratic_error(X.T @ X, X.T @ Y, (Y**2).sum(0), W) == pytest.approx(direct)
+
+
+def test_choose_prefers_exact_when_small_and_obs_when_dense_and_wide():
+    assert choose(torch.ones(10, 50, dtype=torch.bool), "auto") == "exact"
+    assert choose(torch.ones(512, 4608, dtype=torch.bool), "auto") == "obs"
+    assert choose(torch.ones(512, 4608, dtype=torch.bool), "exact") == "exact"
+    assert ridge_of(torch.zeros(3, 3), 0.1) == 0.1
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(stride=1, padding=1),
+        dict(stride=2, padding=0, dilation=2),
+        dict(stride=1, padding=1, groups=2),
+        dict(stride=1, padding="same", padding_mode="reflect"),
+    ],
+)
+def test_conv_is_a_linear_map_over_unfolded_patches(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, **kwargs)
+    x = torch.randn(2, 4, 7, 7)
+    y = conv(x)
+    rows = as_rows(conv, x)  # (g, rows, f)
+    w = weight_matrix(conv)  # (g, out_g, f)
+    b = conv.bias.view(w.shape[0], -1)
+    got = rows @ w.transpose(1, 2) + b.unsqueeze(1)
+    torch.testing.assert_close(got, out_rows(conv, y), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rows():
+    lin = nn.Linear(5, 3)
+    x = torch.randn(4, 2, 5)
+    rows = as_rows(lin, x)
+    torch.testing.assert_close(rows @ lin.weight.T + lin.bias, out_rows(lin, lin(x)))
+
+
+def test_single_layer_reconstruction_is_the_masked_least_squares():
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 3)
+    x = torch.randn(40, 6)
+    y = lin(x).detach().double()
+    keep = torch.rand(3, 6) < 0.5
+    info = reconstruct_(lin, {"weight": keep}, [x], ridge=1e-9, solver="exact")
+    X = torch.cat([x.double(), torch.ones(40, 1, dtype=torch.float64)], 1)
+    k = torch.cat([keep, torch.ones(3, 1, dtype=torch.bool)], 1)
+    want = brute_force(X, y, k, 1e-9 * float((X.T @ X).diagonal().mean()))
+    torch.testing.assert_close(lin.weight.detach().double(), want[:, :6], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lin.bias.detach().double(), want[:, 6], rtol=1e-4, atol=1e-5)
+    assert not lin.weight[~keep].any()
+    assert info[""]["error_after"] <= info[""]["error_before"]
+
+
+def test_grouped_conv_solved_per_group_equals_exact_and_obs():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+    x = torch.randn(8, 4, 6, 6)
+    dense = copy.deepcopy(conv)
+    keep = torch.rand(conv.weight.shape) < 0.6
+    results = {}
+    for solver in ("exact", "obs"):
+        net = copy.deepcopy(conv)
+        info = reconstruct_(net, {"weight": keep}, [x], dense=dense, solver=solver)
+        results[solver] = info[""]["error_after"]
+        assert info[""]["solver"] == solver
+        assert not net.weight[~keep].any()
+    assert results["exact"] <= results["obs"] + 1e-9
+    assert results["obs"] <= 1.5 * results["exact"] + 1e-6
+
+
+def trained_lenet300() -> tuple[nn.Module, torch.Tensor]:
+    """A LeNet-300-100 fitted for a few steps to a random teacher (structured inputs)."""
+    torch.manual_seed(0)
+    net = build_model("lenet300", input_shape=(1, 8, 8), num_classes=10, seed=0)
+    teacher = nn.Linear(64, 10)
+    x = torch.randn(256, 1, 8, 8)
+    y = teacher(x.flatten(1)).argmax(1)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net, x
+
+
+def test_lenet300_reconstruction_reduces_every_layer_error():
+    net, x = trained_lenet300()
+    dense = copy.deepcopy(net)
+    masks = prune_(copy.deepcopy(net), 0.9)
+    info = reconstruct_(net, masks, [(x, torch.zeros(len(x)))])
+    assert list(info) == ["classifier.0", "classifier.2", "classifier.4"]
+    for layer in info.values():
+        assert layer["error_after"] < layer["error_before"]
+    with torch.no_grad():
+        plain = copy.deepcopy(dense)
+        prune_(plain, 0.9)
+        err_plain = (plain(x) - dense(x)).pow(2).mean()
+        err_rec = (net(x) - dense(x)).pow(2).mean()
+    assert err_rec < 0.5 * err_plain
+    for name, p in net.named_parameters():
+        if name in masks:
+            assert not p[~masks[name]].any()
+
+
+def test_prune_with_reconstruct_equals_prune_then_reconstruct():
+    net, x = trained_lenet300()
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    masks = prune_(a, 0.8, calibration=[x], reconstruct=True)
+    reconstruct_(b, masks, [x])
+    assert same(a, snapshot(b))
+
+
+@pytest.mark.parametrize(
+    "name,shape", [("lenet5bn", (1, 12, 12)), ("resnet18", (3, 8, 8)), ("vgg16", (3, 32, 32))]
+)
+def test_bn_and_residual_models_run_end_to_end(name, shape):
+    net = build_model(name, input_shape=shape, num_classes=10, seed=0)
+    x = torch.randn(6, *shape)
+    bn_before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    masks = prune_(net, 0.7, calibration=[x], reconstruct=True)
+    assert all(not p[~masks[n]].any() for n, p in net.named_parameters() if n in masks)
+    assert any(
+        not torch.equal(v, bn_before[k]) for k, v in net.state_dict().items() if k in bn_before
+    )
+    assert torch.isfinite(net(x)).all()
+
+
+@pytest.mark.parametrize(
+    "calibration,match",
+    [
+        ([], "empty"),
+        (None, "None"),
+        ([torch.randn(4, 3, 5)], "input shape"),
+        ([torch.full((4, 1, 8, 8), float("nan"))], "NaN"),
+        ([torch.randn(4, 1, 8, 8), torch.randn(4, 2, 8, 8)], "batch shape"),
+        ([torch.zeros(4, 1, 8, 8, dtype=torch.long)], "floating"),
+    ],
+)
+def test_bad_calibration_raises_one_line_and_changes_nothing(calibration, match):
+    net, _ = trained_lenet300()
+    state = snapshot(net)
+    masks = prune_(copy.deepcopy(net), 0.9)
+    with pytest.raises(ValueError, match=match) as err:
+        reconstruct_(net, masks, calibration)
+    assert "\n" not in str(err.value)
+    assert same(net, state)
+    with pytest.raises(ValueError, match=match):
+        prune_(net, 0.9, calibration=calibration, reconstruct=True)
+    assert same(net, state)
+
+
+def test_bad_arguments_raise():
+    net, x = trained_lenet300()
+    masks = prune_(copy.deepcopy(net), 0.5)
+    with pytest.raises(ValueError, match="Invalid ridge"):
+        reconstruct_(net, masks, [x], ridge=0)
+    with pytest.raises(ValueError, match="Invalid solver"):
+        reconstruct_(net, masks, [x], solver="cg")
+    with pytest.raises(ValueError, match="not a parameter"):
+        reconstruct_(net, {"nope": masks["classifier.0.weight"]}, [x])
+    with pytest.raises(ValueError, match="shape"):
+        reconstruct_(net, {"classifier.0.weight": torch.ones(2, 2, dtype=torch.bool)}, [x])
+    with pytest.raises(ValueError, match="Invalid dense"):
+        reconstruct_(net, masks, [x], dense=nn.Linear(2, 2))
