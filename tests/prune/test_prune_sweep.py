@@ -156,3 +156,40 @@ def test_bad_arguments_raise_before_touching_the_model(lenet300):
     with pytest.raises(ValueError, match="missing \\['loss'\\]"):
         sparsity_sweep(lenet300, lambda m: {"accuracy": 1.0}, [0.5])
     assert_bit_identical(lenet300, state)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_reconstructed_sweep_equals_prune_with_reconstruct_and_restores_the_model(
+    make_convbn, criterion
+):
+    model = make_convbn()
+    model.train()
+    x, y = data()
+    calibration = [(data(s)[0], torch.zeros(16)) for s in (1, 2)]
+    state = snapshot(model)
+    seen = []
+
+    def evaluate(m):
+        seen.append(snapshot(m))
+        return evaluate_on(x, y)(m)
+
+    levels = [0.5, 0.9]
+    rows = sparsity_sweep(
+        model, evaluate, levels, calibration=calibration, reconstruct=True, criterion=criterion
+    )
+    assert_bit_identical(model, state)
+    assert all(m.training for m in model.modules())
+    for level, got, row in zip(levels, seen, rows, strict=True):
+        ref = make_convbn()
+        prune_(ref, level, criterion=criterion, calibration=calibration, reconstruct=True)
+        assert_bit_identical(ref, got)
+        assert row["seconds"] > 0 and list(row)[4] == "seconds"
+
+
+def test_reconstructed_sweep_errors_change_nothing(lenet300):
+    state = snapshot(lenet300)
+    ok = lambda m: {"accuracy": 1.0, "loss": 0.0}  # noqa: E731
+    for calibration, match in [([], "empty"), (None, "None"), ([torch.randn(2, 5)], "shape")]:
+        with pytest.raises(ValueError, match=match):
+            sparsity_sweep(lenet300, ok, [0.5], calibration=calibration, reconstruct=True)
+    assert_bit_identical(lenet300, state)
