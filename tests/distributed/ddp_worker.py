@@ -50,7 +50,7 @@ def sfw64_steps() -> dict[str, torch.Tensor]:
     ctx = init_distributed("cpu")
     data = load_data(cfg)
     model = make_model(cfg, data, ctx.device).double()
-    optimizer = build_optimizer(model, cfg.optimizer_spec())
+    optimizer = build_optimizer(model, cfg.optimizer)
     loader = train_loader(
         cfg, data, ctx.device, rank=ctx.rank, world_size=ctx.world_size, dtype=torch.float64
     )

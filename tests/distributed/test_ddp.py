@@ -90,7 +90,7 @@ def test_sfw_steps_identical_on_ranks_and_equal_to_one_process(launched, monkeyp
     single = worker.sfw64_steps()  # one process, batch 16 = the 2 ranks' 8 + 8
     cfg = worker.SFW64
     start = runner.make_model(cfg, runner.load_data(cfg), torch.device("cpu")).double()
-    build_optimizer(start, cfg.optimizer_spec())  # the shift inside the sets, as in training
+    build_optimizer(start, cfg.optimizer)  # the shift inside the sets, as in training
     moved = 0.0
     for name, value in single.items():
         assert (ranks[0][name] - value).abs().max().item() <= 1e-6, name

@@ -128,7 +128,7 @@ def _sfw_steps(
     model = make_model(CFG, data, torch.device("cpu"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, CFG.optimizer_spec())
+    optimizer = build_optimizer(model, CFG.optimizer)
     loader = train_loader(CFG, data, "cpu", channels_last=channels_last)
     train_epoch(model, loader, optimizer, precision=precision)
     return model, optimizer

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from sfwprune import train
 from sfwprune.cli import main
 from sfwprune.constraints import constraint_from_group
 from sfwprune.experiments import runner
@@ -28,7 +29,7 @@ def _poison(batches, at_step: int):
 
 def test_nan_loss_mid_run_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    real_train_epoch = runner.train_epoch
+    real_train_epoch = train.train_epoch  # the runner trains through train.fit
     saved = {}
 
     def epoch_2_goes_nan(model, batches, *args, epoch=0, **kwargs):
@@ -38,7 +39,7 @@ def test_nan_loss_mid_run_stops_and_keeps_last_good_checkpoint(tmp_path, monkeyp
             batches = _poison(batches, at_step=3)
         return real_train_epoch(model, batches, *args, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(runner, "train_epoch", epoch_2_goes_nan)
+    monkeypatch.setattr(train, "train_epoch", epoch_2_goes_nan)
     code = main(["--quiet", "train", *FLAGS, "--epochs", "3", "--out", str(run)])
     err = capsys.readouterr().err
     assert code == 1

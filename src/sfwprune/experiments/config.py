@@ -61,9 +61,6 @@ class TrainConfig:
             raise ValueError(f"Invalid device: {self.device!r} (expected auto, cpu or cuda[:N])")
         return self
 
-    def optimizer_spec(self) -> OptimizerSpec:
-        return self.optimizer
-
     @property
     def use_augment(self) -> bool:
         if self.augment is not None:

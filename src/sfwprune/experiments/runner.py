@@ -234,7 +234,7 @@ def _train_run(
         model = model.to(memory_format=torch.channels_last)
     # The optimizer on the plain model, before DDP wraps it: the sets are sized from the same
     # seeded initialization on every rank, and DDP then broadcasts rank 0's weights anyway.
-    optimizer = build_optimizer(model, cfg.optimizer_spec())
+    optimizer = build_optimizer(model, cfg.optimizer)
     shard = {"rank": ctx.rank, "world_size": ctx.world_size, "channels_last": channels_last}
     loader = train_loader(cfg, data, device, **shard)
     evaluator = test_loader(cfg, data, device, **shard)
