@@ -13,7 +13,6 @@ from sfwprune.optim.cram import CrAM
 
 def _quadratic_closure(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, opt):
     def closure():
-        opt.zero_grad()
         loss = 0.5 * ((model(x) - y) ** 2).sum()
         loss.backward()
         return loss
@@ -26,19 +25,24 @@ def _grad(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x @ w.T - y).T @ x
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("plus", [False, True])
-def test_one_step_matches_hand_computation(plus):
+def test_one_step_matches_hand_computation(plus, normalize):
     torch.manual_seed(0)
     model = nn.Linear(4, 1, bias=False).double()
     w0 = torch.tensor([[0.5, -0.2, 0.05, 1.0]], dtype=torch.float64)
     model.weight.data.copy_(w0)
     x = torch.randn(8, 4, dtype=torch.float64)
     y = torch.randn(8, 1, dtype=torch.float64)
-    opt = CrAM(model.parameters(), lr=0.1, rho=0.05, sparsities=(0.5,), plus=plus)
-    opt.step(_quadratic_closure(model, x, y, opt))
+    opt = CrAM(
+        model.parameters(), lr=0.1, rho=0.05, sparsities=(0.5,), plus=plus, normalize=normalize
+    )
+    closure = _quadratic_closure(model, x, y, opt)
+    closure()
+    opt.step(closure)
 
     g = _grad(w0, x, y)
-    perturbed = w0 + 0.05 * g
+    perturbed = w0 + 0.05 * (g / g.norm() if normalize else g)
     keep = torch.zeros_like(perturbed, dtype=torch.bool)
     keep[0, perturbed.abs()[0].argsort(descending=True)[:2]] = True  # top-2 of 4 = 50% sparsity
     g_c = _grad(perturbed * keep, x, y)
@@ -54,14 +58,19 @@ def test_returns_loss_at_dense_weights_and_momentum_state_round_trips():
     opt = CrAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05)
 
     def closure():
-        opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
+    def step():
+        opt.zero_grad()
+        loss = closure()
+        opt.step(closure)
+        return loss
+
     with torch.no_grad():
         dense = nn.functional.cross_entropy(model(x), y)
-    loss = opt.step(closure)
+    loss = step()
     assert float(loss.detach()) == pytest.approx(float(dense))
     assert all(p.abs().sum() > 0 for p in model.parameters())  # dense weights restored
     state = opt.state_dict()
@@ -79,16 +88,21 @@ def test_loss_goes_down_and_scheduler_sees_the_groups():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
 
     def closure():
-        opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
-    first = float(closure())
-    for _ in range(30):
+    def step():
+        opt.zero_grad()
+        loss = closure()
         opt.step(closure)
+        return loss
+
+    first = float(step().detach())
+    for _ in range(30):
+        step()
         sched.step()
-    assert float(closure()) < 0.5 * first
+    assert float(step().detach()) < 0.5 * first
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5**3)
 
 
@@ -100,13 +114,18 @@ def test_sfw_as_base_optimizer_stays_feasible():
     x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
 
     def closure():
-        opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
-    for _ in range(5):
+    def step():
+        opt.zero_grad()
+        loss = closure()
         opt.step(closure)
+        return loss
+
+    for _ in range(5):
+        step()
     from sfwprune.constraints import constraint_from_group
 
     for group in opt.param_groups:
@@ -122,14 +141,15 @@ def test_draws_are_seeded():
         opt = CrAM(model.parameters(), lr=0.0, sparsities=(0.1, 0.5, 0.9), generator=gen)
         x = torch.randn(4, 5)
 
-        def closure(opt=opt, x=x):
-            opt.zero_grad()
+        def closure(x=x):
             loss = model(x).sum()
             loss.backward()
             return loss
 
         seq = []
         for _ in range(6):
+            opt.zero_grad()
+            closure()
             opt.step(closure)
             seq.append(opt.last_sparsity)
         draws.append(seq)
@@ -154,7 +174,10 @@ def test_bad_arguments(kwargs, match):
         CrAM(model.parameters(), base, lr=0.1, **kwargs)
 
 
-def test_step_without_closure_is_refused():
-    opt = CrAM(nn.Linear(3, 3).parameters(), lr=0.1)
+def test_step_without_closure_or_first_gradient_is_refused():
+    model = nn.Linear(3, 3)
+    opt = CrAM(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="Invalid closure"):
         opt.step()
+    with pytest.raises(ValueError, match="Invalid step: no gradients"):
+        opt.step(lambda: model(torch.ones(1, 3)).sum().backward())

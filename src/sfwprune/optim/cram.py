@@ -8,9 +8,15 @@ top-k (zero the ``round(s·N)`` smallest ``|w|`` of the compressed tensors)::
     d = ∇L(θ̃)          (CrAM)     or     d = ∇L(θ̃) + g     (CrAM+)
     θ ← base_step(θ, d)                    (straight-through: d updates the dense weights)
 
-Two forward/backward passes per step, so ``step`` needs a closure that recomputes the loss and
-its gradients from scratch (``zero_grad``, forward, ``backward``, return the loss), as
-``torch.optim.LBFGS`` does. BatchNorm running statistics see both passes.
+Two forward/backward passes per step, with the contract SAM-style optimizers use in PyTorch:
+the caller runs the first pass (``loss.backward()`` at θ, so ``g`` is in ``.grad``), then calls
+``step(closure)``; the closure runs the second pass (forward and ``backward`` at whatever the
+weights are when it is called) and returns the loss. ``step`` clears the gradients before it.
+BatchNorm running statistics see both passes.
+
+The perturbation is normalized by default, ``θ + ρ g/||g||`` as in SAM: with the raw ``ρ g``,
+CrAM+ at lr 0.1 diverged on LeNet-300-100 (weights grew to ~10³, 10% accuracy) while the
+normalized step trained (docs/algorithm.md §8).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..prune.masks import check_sparsity, lowest, prune_count
+from ..prune.masks import SCOPES, check_sparsity, lowest, prune_count, ranked_sets
 
 Tensor = torch.Tensor
 
@@ -37,15 +43,18 @@ class CrAM(torch.optim.Optimizer):
         plus: CrAM+ (add the plain gradient, default True) or CrAM.
         compress: the tensors ranked by the top-k compression (default: every parameter of
             ``params`` with ``dim >= 2``, the weights :func:`sfwprune.prune_` ranks).
-        normalize: perturb by ``ρ g / ||g||`` (SAM's form) instead of ``ρ g`` (default False).
+        scope: ``"global"`` (one ranking over all compressed tensors, default) or ``"layer"``
+            (each tensor compressed to ``s`` on its own).
+        normalize: perturb by ``ρ g / ||g||`` (SAM's form, default True) or by ``ρ g``.
         generator: random source for drawing ``s`` (default: the global torch RNG).
         **base_kwargs: passed to ``base_optimizer`` (e.g. ``lr``, ``momentum``).
 
     Example:
         >>> opt = CrAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05)
         >>> def closure():
-        ...     opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); return loss
-        >>> opt.step(closure)
+        ...     loss = loss_fn(model(x), y); loss.backward(); return loss
+        >>> opt.zero_grad(); closure()   # first pass: the gradient at θ
+        >>> opt.step(closure)            # second pass at the compressed point, then the step
     """
 
     def __init__(
@@ -57,7 +66,8 @@ class CrAM(torch.optim.Optimizer):
         sparsities: Sequence[float] = (0.9, 0.95, 0.98),
         plus: bool = True,
         compress: Iterable[Tensor] | None = None,
-        normalize: bool = False,
+        scope: str = "global",
+        normalize: bool = True,
         generator: torch.Generator | None = None,
         **base_kwargs: Any,
     ):
@@ -74,6 +84,8 @@ class CrAM(torch.optim.Optimizer):
             raise ValueError(
                 f"Invalid base_optimizer: {base_optimizer!r} (expected a torch.optim.Optimizer class)"
             )
+        if scope not in SCOPES:
+            raise ValueError(f"Invalid scope: {scope!r} (expected one of {', '.join(SCOPES)})")
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(
                 f"Invalid generator: {generator!r} (expected a torch.Generator or None)"
@@ -85,7 +97,7 @@ class CrAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         self.rho, self.sparsities, self.plus = float(rho), levels, bool(plus)
-        self.normalize, self.generator = bool(normalize), generator
+        self.normalize, self.generator, self.scope = bool(normalize), generator, scope
         members = [p for group in self.param_groups for p in group["params"]]
         if compress is None:
             self.compress = [p for p in members if p.dim() >= 2]
@@ -115,38 +127,44 @@ class CrAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _compress_(self, sparsity: float) -> None:
-        """Zero the ``round(s·N)`` smallest ``|w|`` over all compressed tensors (one ranking)."""
-        flat = torch.cat([p.detach().reshape(-1).abs().float() for p in self.compress])
-        pruned = lowest(flat, prune_count(sparsity, flat.numel()))
-        for p, cut in zip(self.compress, torch.split(pruned, [p.numel() for p in self.compress])):
-            p.masked_fill_(cut.view(p.shape).to(p.device), 0)
+        """Zero the ``round(s·N)`` smallest ``|w|`` of each ranked set (all tensors, or each)."""
+        for members in ranked_sets(self.scope, len(self.compress)):
+            params = [self.compress[i] for i in members]
+            flat = torch.cat([p.detach().reshape(-1).abs().float() for p in params])
+            pruned = lowest(flat, prune_count(sparsity, flat.numel()))
+            for p, cut in zip(params, torch.split(pruned, [p.numel() for p in params])):
+                p.masked_fill_(cut.view(p.shape).to(p.device), 0)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One CrAM(+) step; returns the loss at the dense weights (the closure's first value)."""
+        """One CrAM(+) step from the gradient already in ``.grad``; returns the closure's loss
+        (at the compressed point)."""
         if closure is None:
             raise ValueError(
-                "Invalid closure: None (CrAM takes two gradients a step: pass a closure that "
-                "zeroes the gradients, computes the loss, calls backward and returns the loss)"
+                "Invalid closure: None (CrAM takes a second gradient a step: pass a closure "
+                "that computes the loss, calls backward and returns the loss)"
             )
-        with torch.enable_grad():
-            loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            raise ValueError(
+                "Invalid step: no gradients (run the first backward pass before step(closure))"
+            )
         saved = [p.detach().clone() for p in params]
         first = [p.grad.detach().clone() for p in params]
         scale = self.rho
-        if self.normalize and first:
+        if self.normalize:
             norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in first]))
             scale = self.rho / float(norm.clamp_min(1e-12))
         for p, g in zip(params, first):
             p.add_(g, alpha=scale)
         self.last_sparsity = self._draw_sparsity()
         self._compress_(self.last_sparsity)
+        self.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            closure()
+            loss = closure()
         for p, w, g in zip(params, saved, first):
             p.copy_(w)
-            if p.grad is None:  # the compressed point gave no gradient: use the plain one
+            if p.grad is None:  # no gradient at the compressed point: keep the plain one
                 p.grad = g
             elif self.plus:
                 p.grad.add_(g)
