@@ -1,7 +1,8 @@
 """Fit and evaluate: the training loop, optimizers and learning-rate schedules. No file I/O.
 
-Optimizers: ``sfw`` (REFERENCE §3 defaults: lr 1.0, gradient rescale, momentum 0.9, K-sparse
-sets with k_frac 0.05 and value 15) and ``sgd`` (momentum 0.9, Nesterov, weight decay 5e-4).
+Optimizers: ``sfw`` (docs/algorithm.md §3 defaults: lr 1.0, gradient rescale, momentum 0.9,
+K-sparse sets with k_frac 0.05 and radius_scale 15) and ``sgd`` (momentum 0.9, Nesterov, weight
+decay 5e-4), either of them optionally wrapped in CrAM / CrAM+ (docs/algorithm.md §8).
 Schedules are per step: ``step`` (÷10 at 1/3 and 2/3 of training), ``cosine``, ``constant``.
 """
 
@@ -21,11 +22,13 @@ from ._checks import option
 from .constraints import constraint_groups
 from .constraints.groups import KINDS, MODES
 from .optim import SFW
+from .optim.cram import CrAM
 from .optim.finite import finite_flags
 from .optim.sfw import RESCALES
 
 Tensor = torch.Tensor
 OPTIMIZERS = ("sfw", "sgd")
+CRAM = ("none", "cram", "cram+")
 SCHEDULES = ("step", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 
@@ -67,6 +70,13 @@ class OptimizerSpec:
                                  choices=RESCALES)  # fmt: skip
     constrained_tensors: str = option("all", "which tensors SFW constrains (weights: dim >= 2)",
                                       choices=CONSTRAINED_TENSORS, aliases=("constrain",))  # fmt: skip
+    cram: str = option("none", "wrap the optimizer in CrAM or CrAM+ (two passes a step)",
+                       choices=CRAM)  # fmt: skip
+    cram_rho: float = option(0.05, "CrAM perturbation radius ρ", low=0)
+    cram_sparsities: tuple[float, ...] = option(
+        default_factory=lambda: (0.9, 0.95, 0.98), low=0, high=1,
+        help="CrAM: sparsities drawn one per step (comma-separated); default 0.9,0.95,0.98",
+    )  # fmt: skip
 
 
 def default_lr(name: str) -> float:
@@ -74,29 +84,39 @@ def default_lr(name: str) -> float:
 
 
 def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
-    """SFW over :func:`constraint_groups` (moves the params inside their sets) or SGD."""
+    """SFW over :func:`constraint_groups` (moves the params inside their sets) or SGD, wrapped in
+    :class:`~sfwprune.optim.cram.CrAM` when ``spec.cram`` is ``"cram"`` or ``"cram+"``."""
     if spec.name not in OPTIMIZERS:
         raise ValueError(
             f"Invalid optimizer: {spec.name!r} (expected one of {', '.join(OPTIMIZERS)})"
         )
     lr = default_lr(spec.name) if spec.lr is None else spec.lr
+    params: Any
     if spec.name == "sgd":
         wd = 5e-4 if spec.weight_decay is None else spec.weight_decay
-        return torch.optim.SGD(
-            model.parameters(), lr=lr, momentum=spec.momentum, nesterov=spec.momentum > 0,
-            weight_decay=wd,
+        params, cls = model.parameters(), torch.optim.SGD
+        kwargs = {"lr": lr, "momentum": spec.momentum, "nesterov": spec.momentum > 0,
+                  "weight_decay": wd}  # fmt: skip
+    else:
+        if spec.weight_decay:
+            raise ValueError(
+                f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)"
+            )
+        params = constraint_groups(
+            model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.radius_scale,
+            mode=spec.radius_from, include=spec.constrained_tensors,
         )  # fmt: skip
-    if spec.weight_decay:
-        raise ValueError(
-            f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)"
-        )
-    groups = constraint_groups(
-        model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.radius_scale,
-        mode=spec.radius_from, include=spec.constrained_tensors,
+        # train_epoch checks loss and gradients before every step, so the optimizer's own
+        # check (a second pass over the gradients) is switched off here.
+        cls = SFW
+        kwargs = {"lr": lr, "momentum": spec.momentum, "rescale": spec.rescale,
+                  "check_finite": False}  # fmt: skip
+    if spec.cram == "none":
+        return cls(params, **kwargs)
+    return CrAM(
+        params, cls, rho=spec.cram_rho, sparsities=spec.cram_sparsities,
+        plus=spec.cram == "cram+", **kwargs,
     )  # fmt: skip
-    # train_epoch checks loss and gradients before every step, so the optimizer's own check
-    # (a second pass over the gradients) is switched off here.
-    return SFW(groups, lr=lr, momentum=spec.momentum, rescale=spec.rescale, check_finite=False)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
@@ -250,7 +270,10 @@ def train_epoch(
             for name, mask in masks.items():
                 if named[name].grad is not None:
                     named[name].grad.mul_(mask)
-        optimizer.step()
+        if isinstance(optimizer, CrAM):  # its second pass, at the compressed point
+            optimizer.step(lambda: step_fn(model, x, y)[0])  # noqa: B023 (called right here)
+        else:
+            optimizer.step()
         if masks:
             apply_masks_(model, masks)
         if scheduler is not None:

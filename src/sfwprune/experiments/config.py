@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._checks import check_fields, option
+from .._checks import MAX_SEED, check_fields, option
 from .._checks import parse_sparsities as parse_sparsities
 from ..data import DATASETS
 from ..models import MODELS
@@ -39,6 +39,10 @@ class TrainConfig:
     schedule: str = option("step", "per-step lr schedule: step (÷10 at 1/3 and 2/3), cosine "
                            "or constant", choices=SCHEDULES)  # fmt: skip
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", low=0, high=1)
+    acdc_sparsity: float | None = option(
+        None, "AC/DC: alternate dense and fixed-mask sparse phases at this sparsity "
+        "(docs/algorithm.md §8); default none (off)", low=0, high=1,
+    )  # fmt: skip
     sfw_init: bool = option(False, "learn the init scales first (SFW-Init)")
     sfw_init_iters: int | None = option(None, "SFW-Init iterations (default: one epoch)", low=1)
     data_dir: str | None = option(None, "folder holding the dataset's files")
@@ -47,7 +51,7 @@ class TrainConfig:
     limit: int | None = option(None, "use only the first N training images (quick runs)", low=1)
     image_size: int | None = option(None, "resize images to this side", low=1)
     eval_batch_size: int = option(1000, "batch size of evaluation", low=1)
-    seed: int = option(0, "seed of the initialization and the data order", low=0)
+    seed: int = option(0, "seed of the initialization and the data order", low=0, high=MAX_SEED)
     device: str = option("auto", "auto | cpu | cuda[:N]")
     precision: str = option("fp32", "fp32 | bf16 (autocast)", choices=PRECISIONS)
 
@@ -155,4 +159,7 @@ def _typed(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         hint = hints.get(name)
         if hint in (float, float | None) and type(value) is int:
             out[name] = float(value)
+        elif typing.get_origin(hint) is tuple and isinstance(value, list):  # JSON has lists
+            item = typing.get_args(hint)[0]
+            out[name] = tuple(float(v) if item is float and type(v) is int else v for v in value)
     return out

@@ -37,6 +37,14 @@ def _none_or(parse: type) -> Any:
     return convert
 
 
+def _comma_list(parse: type) -> Any:
+    def convert(text: str) -> tuple:
+        return tuple(parse(item) for item in text.split(","))
+
+    convert.__name__ = f"comma-separated {parse.__name__}"
+    return convert
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     """One ``--field-name`` flag per field of ``cls`` (and of the dataclasses it nests)."""
     for f, hint in _leaf_fields(cls):
@@ -54,6 +62,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is tuple:  # "0.9,0.95" -> (0.9, 0.95); checked later
+            kw["type"] = _comma_list(typing.get_args(base)[0])
+            kw["metavar"] = names[0].upper()
         else:
             parse = base if base in (int, float, str) else str
             kw["type"] = _none_or(parse) if choices is not None and None in choices else parse
