@@ -41,7 +41,8 @@ def test_virtual_step_equals_the_real_first_sfw_step(kind: str, rescale: str | N
     torch.manual_seed(0)
     model = _mlp()
     # Weights carry the set, biases are unconstrained (both update rules are covered).
-    opt = SFW(constraint_groups(model, kind, include="weights", value=2.0), lr=0.3, rescale=rescale)
+    groups = constraint_groups(model, kind, include="weights", value=2.0, unconstrained_lr=0.3)
+    opt = SFW(groups, lr=0.3, rescale=rescale)
     x, y = _data(model, 16, seed=1)
     nn.functional.cross_entropy(model(x), y).backward()
     expected = {}
