@@ -130,7 +130,7 @@ def _steps(model: torch.nn.Module, groups: list[dict], steps: int = 4) -> list[f
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         for group in opt.param_groups:
             for p in group["params"]:
                 assert constraint_from_group(group, p.numel()).contains(p), group["name"]
