@@ -36,6 +36,16 @@ def test_channel_global_ranks_all_units_as_given() -> None:
     assert masks["0.weight"].shape == (4, 4) and masks["0.weight"][0].any().item() is False
 
 
+def test_channel_l1_norm_ranking() -> None:
+    net = _mlp()
+    with torch.no_grad():  # row 0: L2 1.8 > row 1's 1.5, but L1 1.8 < row 1's 2.1
+        net[0].weight.copy_(
+            torch.tensor([[1.8, 0, 0, 0], [0.9, 1.2, 0, 0], [5.0, 0, 0, 0], [5.0, 0, 0, 0]])
+        )
+    assert structured_masks(net, 0.25, scope="layer")["0.bias"].tolist() == [1, 0, 1, 1]
+    assert structured_masks(net, 0.25, scope="layer", norm=1)["0.bias"].tolist() == [0, 1, 1, 1]
+
+
 def test_channel_layer_scope_and_keep_one_per_layer() -> None:
     net = _mlp()
     masks = structured_masks(net, 0.5, "channel", scope="layer")  # 2 of 4, round(1.5) = 2 of 3
@@ -121,6 +131,7 @@ def test_n_m_indivisible_rows() -> None:
         ({"structure": "channel", "sparsity": 0.5, "scope": "net"}, r"Invalid scope: 'net'"),
         ({"structure": "2:4", "sparsity": 0.3}, r"Invalid sparsity: 0.3"),
         ({"structure": "2:4", "indivisible": "pad"}, r"Invalid indivisible: 'pad'"),
+        ({"structure": "channel", "sparsity": 0.5, "norm": 3}, r"Invalid norm: 3"),
     ],
 )
 def test_bad_input(kwargs: dict, match: str) -> None:

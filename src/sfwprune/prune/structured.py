@@ -179,13 +179,12 @@ def channel_spaces(model: nn.Module) -> list[Space]:
     )
 
 
-def _row_norms(layer: nn.Module) -> Tensor:
-    return torch.linalg.vector_norm(
-        layer.weight.detach().reshape(layer.weight.shape[0], -1).double(), dim=1
-    )
+def _row_norms(layer: nn.Module, norm: int) -> Tensor:
+    rows = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
+    return torch.linalg.vector_norm(rows, ord=norm, dim=1)
 
 
-def _channel_masks(model: nn.Module, sparsity: float, scope: str) -> dict[str, Tensor]:
+def _channel_masks(model: nn.Module, sparsity: float, scope: str, norm: int) -> dict[str, Tensor]:
     if sparsity >= 1.0:
         raise ValueError(
             f"Invalid sparsity: {sparsity} (channel pruning keeps at least one unit per layer; "
@@ -193,7 +192,7 @@ def _channel_masks(model: nn.Module, sparsity: float, scope: str) -> dict[str, T
         )
     modules = dict(model.named_modules())
     spaces = [s for s in channel_spaces(model) if not s.output and not s.tied]
-    norms = [_row_norms(modules[s.producers[0][0]]) for s in spaces]
+    norms = [_row_norms(modules[s.producers[0][0]], norm).cpu() for s in spaces]
     # Units to drop per space: (score, index) order, the largest unit always kept.
     order = [torch.sort(n, stable=True).indices for n in norms]
     if scope == "layer":
@@ -261,6 +260,7 @@ def structured_masks(
     *,
     scope: str = "global",
     indivisible: str = "error",
+    norm: int = 2,
 ) -> dict[str, Tensor]:
     """Keep masks (``{parameter name: bool tensor}``, ``True`` = kept) for structured pruning.
 
@@ -275,6 +275,8 @@ def structured_masks(
             ``units - 1``.
         indivisible: N:M only. ``"error"`` (a row length not a multiple of M raises) or
             ``"skip"`` (such layers stay dense and get no mask).
+        norm: channel only. ``2`` ranks units by the L2 norm of their weight row (the norm of
+            the group set), ``1`` by the L1 norm (Li et al. 2017's filter pruning).
 
     Example:
         >>> masks = structured_masks(model, 0.5, "channel")   # half the hidden units
@@ -284,7 +286,9 @@ def structured_masks(
     if nm is None:
         if sparsity is None:
             raise ValueError("Invalid sparsity: None (channel pruning needs a fraction of units)")
-        return _channel_masks(model, check_sparsity(sparsity), _check_scope(scope))
+        if norm not in (1, 2) or isinstance(norm, bool):
+            raise ValueError(f"Invalid norm: {norm!r} (expected 1 or 2)")
+        return _channel_masks(model, check_sparsity(sparsity), _check_scope(scope), norm)
     n, m = nm
     if sparsity is not None and abs(check_sparsity(sparsity) - (1 - n / m)) > 1e-9:
         raise ValueError(
@@ -303,9 +307,12 @@ def prune_structured_(
     *,
     scope: str = "global",
     indivisible: str = "error",
+    norm: int = 2,
 ) -> dict[str, Tensor]:
     """Zero what :func:`structured_masks` drops, in place; return the masks."""
-    masks = structured_masks(model, sparsity, structure, scope=scope, indivisible=indivisible)
+    masks = structured_masks(
+        model, sparsity, structure, scope=scope, indivisible=indivisible, norm=norm
+    )
     apply_masks_(model, masks)
     return masks
 
