@@ -63,13 +63,20 @@ def check_str(name: str, value: Any) -> str:
     return value
 
 
+MAX_SEED = 2**32 - 1  # seeds are 32-bit (offsets added to them stay within torch's int64)
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _bounds(low, high, low_open, high_open) -> str:
     if low is not None and high is not None:
-        return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f" in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f" {'>' if low_open else '>='} {low:g}"
+        return f" {'>' if low_open else '>='} {_num(low)}"
     if high is not None:
-        return f" {'<' if high_open else '<='} {high:g}"
+        return f" {'<' if high_open else '<='} {_num(high)}"
     return ""
 
 
@@ -171,6 +178,17 @@ def parse_sparsities(text: str) -> list[float]:
     if not out:
         raise ValueError(f"Invalid sparsities: {text!r} (expected at least one number)")
     return out
+
+
+def parse_seed(text: str) -> int:
+    """A seed in ``[0, MAX_SEED]`` from text."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"Invalid seed: {text!r} (expected an integer in [0, {MAX_SEED}])"
+        ) from None
+    return check_int("seed", value, 0, MAX_SEED)
 
 
 def parse_sparsity(text: str) -> float:

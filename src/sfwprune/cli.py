@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_USAGE = 2
+_PARTIAL = (
+    "use the latest checkpoint of a run that is still training or did not finish (the epoch is "
+    "recorded); without it such a run is refused"
+)
 
 
 class CLIError(Exception):
@@ -36,8 +40,15 @@ def _arg(check):
     return convert
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one (``--out ""``) is refused, not read as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"Invalid path: {text!r} (expected a file or folder name)")
+    return Path(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from ._checks import parse_sparsities, parse_sparsity
+    from ._checks import parse_seed, parse_sparsities, parse_sparsity
     from .experiments.config import TrainConfig
     from .experiments.flags import add_flags
     from .experiments.prune import DTYPES
@@ -52,16 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train a run into RUN_DIR")
-    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--out", type=_path, required=True, help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     p.add_argument(
-        "--config", type=Path, help="JSON file of TrainConfig fields (flags override it)"
+        "--config", type=_path, help="JSON file of TrainConfig fields (flags override it)"
     )
     add_flags(p, TrainConfig)
 
     p = sub.add_parser("sweep", help="accuracy at each sparsity, no retraining")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=_path)
     p.add_argument(
         "--sparsities", type=_arg(parse_sparsities), help="comma-separated, e.g. 0,0.5,0.9"
     )
@@ -69,21 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
     p.add_argument("--criterion", default="magnitude", help=" | ".join(CRITERIA))
     p.add_argument("--bn-recalibrate", action="store_true", help="recompute BN stats per level")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
+    p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
 
     p = sub.add_parser("prune", help="prune a run once and export it compactly")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=_path)
     p.add_argument("--sparsity", type=_arg(parse_sparsity), required=True)
-    p.add_argument("--out", type=Path, required=True, help="output file (.pt)")
+    p.add_argument("--out", type=_path, required=True, help="output file (.pt)")
     p.add_argument("--scope", default="global", help=" | ".join(SCOPES))
     p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
     p.add_argument("--dtype", default="float32", help=" | ".join(DTYPES))
     p.add_argument("--bn-recalibrate", action="store_true")
+    p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
 
     p = sub.add_parser("plot", help="accuracy vs sparsity (or --weights histogram) of runs")
-    p.add_argument("run_dirs", type=Path, nargs="+")
-    p.add_argument("--out", type=Path, required=True, help="figure file (.png, .pdf, .svg)")
+    p.add_argument("run_dirs", type=_path, nargs="+")
+    p.add_argument("--out", type=_path, required=True, help="figure file (.png, .pdf, .svg)")
     p.add_argument("--weights", action="store_true", help="weight-magnitude histogram instead")
     p.add_argument("--tag", help="plot sweep-TAG.json")
 
@@ -91,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["fashion-mnist"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--out", type=Path, default=Path("runs/reproduce"))
+    p.add_argument("--out", type=_path, default=Path("runs/reproduce"))
     p.add_argument("--models", default="lenet300,lenet5", help="comma-separated model names")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     p.add_argument("--device", default="auto")
@@ -108,12 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     p.add_argument("--no-report", action="store_true", help="run the grid, skip RESULTS.md")
-    p.add_argument("--results", type=Path, default=Path("RESULTS.md"))
-    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.add_argument("--results", type=_path, default=Path("RESULTS.md"))
+    p.add_argument("--docs", type=_path, default=Path("docs"))
 
     p = sub.add_parser("demo", help="the main job: SFW vs SGD on Fashion-MNIST, swept and plotted")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=_path, default=Path("runs/demo"))
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS)
     return parser
@@ -142,7 +155,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         result = train_run(cfg, args.out, resume=args.resume, quiet=args.quiet)
     except (ValueError, OSError):
         # Bad input found after the run folder was made (e.g. missing data): leave no trace.
-        if created and args.out.is_dir() and not any(args.out.iterdir()):
+        from .experiments.runner import LOCK_FILE
+
+        if created and args.out.is_dir() and {p.name for p in args.out.iterdir()} <= {LOCK_FILE}:
+            (args.out / LOCK_FILE).unlink(missing_ok=True)
             args.out.rmdir()
         raise
     final = result.metrics[-1] if result.metrics else {}
@@ -162,7 +178,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         include=args.include, criterion=args.criterion, bn_recalibrate=args.bn_recalibrate,
         seed=args.seed,
     )  # fmt: skip
-    result = sweep_run(args.run_dir, sweep, tag=args.tag)
+    result = sweep_run(args.run_dir, sweep, tag=args.tag, allow_partial=args.allow_partial)
+    if not result["run"]["finished"]:
+        print(
+            f"note: {args.run_dir} did not finish; swept its epoch-{result['run']['epoch']} checkpoint"
+        )
     print(format_rows(result["rows"]))
     return 0
 
@@ -172,12 +192,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     result = prune_run(
         args.run_dir, args.sparsity, args.out, scope=args.scope, include=args.include,
-        dtype=args.dtype, bn_recalibrate=args.bn_recalibrate,
+        dtype=args.dtype, bn_recalibrate=args.bn_recalibrate, allow_partial=args.allow_partial,
     )  # fmt: skip
     print(result.report)
     print(
         f"test accuracy at {100 * result.sparsity:g}% sparsity: {result.accuracy:.2f}% "
-        f"-> wrote {result.out}"
+        f"({result.dtype} weights of epoch {result.epoch}) -> wrote {result.out}"
     )
     return 0
 
@@ -237,11 +257,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        return _COMMANDS[args.command](args)
+        from .experiments.runner import sigterm_as_interrupt
+
+        with sigterm_as_interrupt():  # SIGTERM stops as cleanly as Ctrl-C
+            return _COMMANDS[args.command](args)
     except (CLIError, ValueError, OSError) as exc:  # OSError: unwritable path, disk full ...
         print(_one_line(exc), file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from .experiments.runner import Terminated
+
+        if isinstance(exc, Terminated):
+            print("sfwprune: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         print("sfwprune: interrupted", file=sys.stderr)
         return 130
     except RuntimeError as exc:

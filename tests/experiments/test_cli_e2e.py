@@ -53,7 +53,8 @@ def test_sweep_schema_and_csv(run_dir: Path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "sparsity" in printed and "0.900" in printed
     result = json.loads((run_dir / "sweep.json").read_text())
-    assert set(result) == {"config", "provenance", "rows"}
+    assert set(result) == {"config", "provenance", "run", "rows"}
+    assert result["run"]["epoch"] == 2 and result["run"]["finished"] is True
     assert result["config"]["sweep"]["sparsities"] == [0.0, 0.5, 0.9]
     rows = result["rows"]
     assert [r["sparsity"] for r in rows] == [0.0, 0.5, 0.9]

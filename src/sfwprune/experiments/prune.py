@@ -20,6 +20,8 @@ class PruneResult:
     accuracy: float
     report: str  # the per-layer sparsity table
     out: Path
+    epoch: int  # the checkpoint's epoch that was pruned
+    dtype: str  # the accuracy is of the weights as stored at this dtype
 
 
 def prune_run(
@@ -31,14 +33,26 @@ def prune_run(
     include: str = "weights",
     dtype: str = "float32",
     bn_recalibrate: bool = False,
+    allow_partial: bool = False,
 ) -> PruneResult:
-    """Prune the run in ``run_dir`` to ``sparsity`` (global magnitude by default), evaluate it
-    on the test split and write the compact file ``out`` (:func:`sfwprune.prune.save_pruned`)."""
+    """Prune the run in ``run_dir`` to ``sparsity`` (global magnitude by default), write the
+    compact file ``out`` (:func:`sfwprune.prune.save_pruned`) and evaluate on the test split
+    what that file holds (the weights at ``dtype``). ``out`` may not be one of a run's own files
+    (:func:`~sfwprune.experiments.runner.check_output_file`); a run still training or not
+    finished is refused unless ``allow_partial`` (:func:`~sfwprune.experiments.runner.load_run`).
+    """
     import torch
 
-    from ..prune import format_report, prune_, recalibrate_bn, save_pruned, sparsity_report
+    from ..prune import (
+        format_report,
+        load_pruned,
+        prune_,
+        recalibrate_bn,
+        save_pruned,
+        sparsity_report,
+    )
     from ..train import evaluate
-    from .runner import load_trained, test_loader
+    from .runner import check_output_file, load_run, test_loader
     from .sweep import SweepConfig, calibration_batches
 
     sparsity = check_sparsity(sparsity)
@@ -46,18 +60,20 @@ def prune_run(
     check_choice("include", include, INCLUDES)
     check_choice("dtype", dtype, DTYPES)
     check_bool("bn_recalibrate", bn_recalibrate)
-    out = Path(out)
+    out = check_output_file(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"Invalid --out: {str(out)!r} (folder does not exist)")
-    cfg, model, data = load_trained(run_dir)
+    run = load_run(run_dir, allow_partial=allow_partial)
+    cfg, model, data = run.config, run.model, run.data
     device = next(model.parameters()).device
     prune_(model, sparsity, scope=scope, include=include)
     if bn_recalibrate:
         recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
-    test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
     save_pruned(model, out, dtype=getattr(torch, dtype))
+    load_pruned(out, model)  # evaluate what the file holds: values rounded to dtype
+    test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
     report = format_report(sparsity_report(model, input_shape=data.input_shape))
-    return PruneResult(sparsity, test["accuracy"], report, out)
+    return PruneResult(sparsity, test["accuracy"], report, out, run.epoch, dtype)
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
@@ -73,16 +89,33 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
     return labels
 
 
-def read_sweep_rows(path: Path) -> list[dict[str, Any]]:
-    """The ``rows`` of a sweep file; ``ValueError`` naming the file when it is not one."""
+def read_sweep_rows(path: Path, run_id: str | None = None) -> list[dict[str, Any]]:
+    """The ``rows`` of a sweep file; ``ValueError`` naming the file when it is not one (each
+    row needs numeric ``sparsity`` and ``accuracy``), or when it was made from the weights of
+    another training than ``run_id`` (a run trained again in its folder)."""
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))["rows"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        rows = result["rows"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(
             f"Invalid sweep file: {str(path)!r} (not a sweep result: {type(exc).__name__})"
         ) from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"Invalid sweep file: {str(path)!r} (its rows are not a list of rows)")
+    for i, row in enumerate(rows):
+        for key in ("sparsity", "accuracy"):
+            value = row.get(key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ValueError(
+                    f"Invalid sweep file: {str(path)!r} (row {i} has no numeric {key!r})"
+                )
+    run = result.get("run") if isinstance(result, dict) else None
+    made_from = run.get("run_id") if isinstance(run, dict) else None
+    if run_id and made_from and made_from != run_id:
+        raise ValueError(
+            f"Invalid sweep file: {str(path)!r} (made from an earlier training in this folder, "
+            f"run_id {made_from!r}, not the current {run_id!r}; sweep the run again)"
+        )
     return rows
 
 
@@ -91,20 +124,22 @@ def plot_runs(
 ) -> Path:
     """Accuracy vs sparsity of the runs' sweeps (or, with ``weights``, their weight histograms)."""
     from .plots import plot_accuracy_vs_sparsity, plot_weight_histograms
-    from .runner import load_trained
+    from .runner import check_output_file, load_trained, read_run_file
     from .sweep import sweep_file_name
 
+    out = check_output_file(out)
+    name = sweep_file_name(tag)
     labels = run_labels(run_dirs)
     if weights:
         models = [(lab, load_trained(d, device="cpu")[1]) for lab, d in zip(labels, run_dirs)]
         return plot_weight_histograms(models, out)
     curves = []
     for lab, run_dir in zip(labels, run_dirs):
-        path = Path(run_dir) / f"{sweep_file_name(tag)}.json"
+        path = Path(run_dir) / f"{name}.json"
         if not path.is_file():
             raise FileNotFoundError(
                 f"Invalid run folder: {str(run_dir)!r} (no {path.name}; run `sfwprune sweep "
                 f"{run_dir}` first)"
             )
-        curves.append((lab, read_sweep_rows(path)))
+        curves.append((lab, read_sweep_rows(path, read_run_file(run_dir).get("run_id"))))
     return plot_accuracy_vs_sparsity(curves, out)

@@ -10,9 +10,15 @@ over all ranks, so a run's files look the same whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import functools
 import json
+import os
+import signal
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +28,8 @@ import torch
 from torch import nn
 
 from .. import _io
-from ..data import Dataset, DeviceLoader, load_dataset
+from ..acdc import ACDCSchedule
+from ..data import Dataset, DeviceLoader, check_source, load_dataset
 from ..distributed import DistContext, init_distributed, local_batch_size
 from ..models import build_model
 from ..train import build_optimizer, build_scheduler, evaluate, fit
@@ -33,12 +40,18 @@ CHECKPOINT_FORMAT = 1
 CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE = (
     "config.json", "metrics.jsonl", "checkpoint.pt", "summary.json",
 )  # fmt: skip
+LOCK_FILE = ".lock"
+# Files derived from a run's weights: stale once the run is trained again in its folder.
+DERIVED_GLOBS = ("sweep.json", "sweep.csv", "sweep-*.json", "sweep-*.csv", SUMMARY_FILE)
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid device: {name!r} (expected auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"Invalid device: {name!r} (CUDA is not available here; use cpu or auto)")
     return device
@@ -97,7 +110,9 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def read_config(run_dir: str | Path) -> TrainConfig:
+def read_run_file(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``config.json`` as stored: ``{"config", "run_id", "data_source", "provenance"}``
+    (``run_id`` and ``data_source`` are missing in runs made before they were recorded)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -105,33 +120,86 @@ def read_config(run_dir: str | Path) -> TrainConfig:
         )
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-        stored = values["config"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        values["config"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError) as exc:
         raise ValueError(
             f"Invalid run config: {str(path)!r} (not an sfwprune config.json: {type(exc).__name__})"
         ) from None
-    return TrainConfig.from_dict(stored)
+    if not isinstance(values, dict):
+        raise ValueError(f"Invalid run config: {str(path)!r} (expected a JSON object)")
+    return values
+
+
+def read_config(run_dir: str | Path) -> TrainConfig:
+    return TrainConfig.from_dict(read_run_file(run_dir)["config"])
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds an sfwprune run: a ``config.json`` object with ``config`` and
+    ``provenance`` (what :func:`train_run` writes first). A checkpoint alone does not make one."""
+    try:
+        values = json.loads((Path(folder) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(values, dict) and "config" in values and "provenance" in values
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``, one per epoch in epoch order.
+
+    Blank lines, torn lines (a crash mid-write) and lines that are not a row (an object with an
+    integer ``epoch`` >= 1) are skipped, never the rows after them; a repeated epoch keeps its
+    last row.
+    """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    rows: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            break  # a torn last line from a crash
-    return rows
+            continue
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1:
+            rows[epoch] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def _config_diff(stored: TrainConfig, given: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    a, b = stored.to_dict(), given.to_dict()  # nested dicts on both sides
+    return {k: (v, b.get(k)) for k, v in a.items() if b.get(k) != v}
 
 
 def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """The run's checkpoint, loaded with ``weights_only=True``; clear errors when unusable."""
+    """The run's checkpoint, loaded with ``weights_only=True``; clear errors when unusable.
+
+    The checkpoint must belong to the run's ``config.json``: same config, and (when both record
+    one) the same ``run_id``; a checkpoint copied in from another run, or a hand-edited config,
+    is refused.
+    """
     path = Path(run_dir) / CHECKPOINT_FILE
     ckpt = _io.safe_torch_load(path, map_location=device)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise ValueError(f"Invalid checkpoint: {str(path)!r} (not an sfwprune checkpoint)")
+    record = read_run_file(run_dir)
+    if "config" in ckpt:
+        try:
+            own = TrainConfig.from_dict(ckpt["config"])
+        except ValueError as exc:
+            raise ValueError(f"Invalid checkpoint: {str(path)!r} (its config: {exc})") from None
+        diff = _config_diff(own, TrainConfig.from_dict(record["config"]))
+        if diff:
+            raise ValueError(
+                f"Invalid run folder: {str(run_dir)!r} ({CHECKPOINT_FILE} was made with another "
+                f"config than {CONFIG_FILE}; checkpoint vs config.json: {diff})"
+            )
+    ours, theirs = record.get("run_id"), ckpt.get("run_id")
+    if ours and theirs and ours != theirs:
+        raise ValueError(
+            f"Invalid run folder: {str(run_dir)!r} ({CHECKPOINT_FILE} belongs to another run: "
+            f"run_id {theirs!r}, {CONFIG_FILE} has {ours!r})"
+        )
     return ckpt
 
 
@@ -146,15 +214,155 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
         ) from None
 
 
-def load_trained(run_dir: str | Path, device: torch.device | str | None = None):
-    """``(config, model, data)`` of a finished (or checkpointed) run, weights loaded."""
-    cfg = read_config(run_dir)
+@dataclass
+class TrainedRun:
+    """A run's model with its checkpoint's weights, and which weights those are."""
+
+    config: TrainConfig
+    model: nn.Module
+    data: Dataset
+    epoch: int  # the checkpoint's epoch: what an evaluation of ``model`` evaluates
+    run_id: str | None
+    finished: bool  # summary.json written and no process training it
+
+    def record(self) -> dict[str, Any]:
+        """What results files derived from these weights record (``"run"`` in sweep.json)."""
+        return {"run_id": self.run_id, "epoch": self.epoch, "finished": self.finished}
+
+
+def load_run(
+    run_dir: str | Path, device: torch.device | str | None = None, *, allow_partial: bool = False
+) -> TrainedRun:
+    """The run in ``run_dir`` with its checkpoint loaded, for evaluation (sweep, prune, plot).
+
+    Only a finished run (``summary.json`` there, no training process holding its lock) is
+    loaded, unless ``allow_partial``: then the latest checkpoint of a run that is still
+    training, or was stopped, is used, and :attr:`TrainedRun.epoch` says which. The data must be
+    the data the run was trained on (the ``data_source`` hash of its ``config.json``).
+    """
+    run_dir = Path(run_dir)
+    record = read_run_file(run_dir)
+    cfg = TrainConfig.from_dict(record["config"])
+    training = run_is_locked(run_dir)
+    finished = not training and (run_dir / SUMMARY_FILE).is_file()
+    if not finished and not allow_partial:
+        why = (
+            "a training process is still writing it; wait for it to finish"
+            if training
+            else f"its training did not finish (no {SUMMARY_FILE}); finish it with "
+            f"`sfwprune train --resume --out {run_dir}`"
+        )
+        raise ValueError(
+            f"Invalid run folder: {str(run_dir)!r} ({why}, or pass --allow-partial to use its "
+            "latest checkpoint)"
+        )
     device = resolve_device(cfg.device if device is None else str(device))
     data = load_data(cfg)
+    check_source(record.get("data_source"), data.source)
     model = make_model(cfg, data, device)
     ckpt = load_checkpoint(run_dir, device)
-    load_model_state(model, ckpt["model"], str(Path(run_dir) / CHECKPOINT_FILE))
-    return cfg, model, data
+    load_model_state(model, ckpt["model"], str(run_dir / CHECKPOINT_FILE))
+    return TrainedRun(cfg, model, data, int(ckpt["epoch"]), record.get("run_id"), finished)
+
+
+def load_trained(
+    run_dir: str | Path, device: torch.device | str | None = None, *, allow_partial: bool = False
+):
+    """``(config, model, data)`` of a finished run (see :func:`load_run`), weights loaded."""
+    run = load_run(run_dir, device, allow_partial=allow_partial)
+    return run.config, run.model, run.data
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: unwinds like Ctrl-C (temporary files removed, lock released)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block SIGTERM (what ``kill`` and schedulers send) raises :class:`Terminated`,
+    so it stops as cleanly as SIGINT. Only where SIGTERM still has its default action (a
+    caller's own handler is kept) and in the main thread."""
+    import threading
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path):
+    """Hold an exclusive ``flock`` on ``folder/.lock``; another holder means another process is
+    writing the run, and is refused with a one-line ``ValueError``."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ValueError(
+            f"Invalid output folder: {str(folder)!r} (not writable: {exc.strerror})"
+        ) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            raise ValueError(
+                f"Invalid output folder: {str(folder)!r} (another sfwprune process is training "
+                f"in it and holds {LOCK_FILE}; wait for it to finish or choose another --out)"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def run_is_locked(folder: str | Path) -> bool:
+    """Whether a process holds the run lock of ``folder`` (is training in it now)."""
+    try:
+        fd = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> Path:
+    """The rule for an output file (``prune --out``, ``plot --out``): it never resolves (through
+    symlinks too) onto a run's own files, and is never a folder or an empty name."""
+    if str(path) in ("", "."):
+        raise ValueError(f"Invalid {flag}: {str(path)!r} (expected a file name)")
+    path = Path(path)
+    real = path.resolve()
+    if real.is_dir():
+        raise ValueError(f"Invalid {flag}: {str(path)!r} (it is a folder; expected a file name)")
+    if is_run_folder(real.parent) and _is_run_file(real.name):
+        raise ValueError(
+            f"Invalid {flag}: {str(path)!r} (it is {real.name} of the run in "
+            f"{str(real.parent)!r}; write the output under another name)"
+        )
+    return path
+
+
+def _is_run_file(name: str) -> bool:
+    import fnmatch
+
+    own = (CONFIG_FILE, METRICS_FILE, CHECKPOINT_FILE, LOCK_FILE, *DERIVED_GLOBS)
+    return name.startswith(".") or any(fnmatch.fnmatch(name, pattern) for pattern in own)
 
 
 @dataclass
@@ -165,25 +373,70 @@ class RunResult:
     model: nn.Module
 
 
-def _prepare_folder(out: Path, resume: bool) -> bool:
-    """Create ``out``; return whether a checkpoint is there to resume from."""
+def _prepare_folder(out: Path, resume: bool | str, held: contextlib.ExitStack) -> bool:
+    """The one rule for a run folder; returns whether to resume from its checkpoint.
+
+    - ``out`` is new, empty, or an sfwprune run (:func:`is_run_folder`): never a non-empty
+      folder of other files, never the current folder unless it is a run, never a file or a
+      dangling symlink;
+    - it is locked (:func:`run_lock`) for as long as ``held`` is: a second writer is refused;
+    - ``resume=True`` needs a run with a checkpoint there (never starts over); ``"auto"`` resumes
+      one if there, else starts; without ``resume`` a checkpoint there is refused, not replaced;
+    - a new start in a run folder deletes the files derived from the old weights (sweeps,
+      summary), and every start deletes temporary files a killed process left.
+    """
+    name = str(out)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(
+            f"Invalid output folder: {name!r} (a symlink to {os.readlink(out)!r}, which does "
+            "not exist)"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"Invalid output folder: {name!r} (it is a file, not a folder)")
+    if resume is True and not is_run_folder(out):
+        raise ValueError(
+            f"Invalid --resume: no run in {name!r} (no {CONFIG_FILE} of a run there; drop "
+            "--resume to start a new run)"
+        )
+    if out.is_dir() and not is_run_folder(out):
+        if out.resolve() == Path.cwd().resolve():
+            raise ValueError(
+                f"Invalid output folder: {name!r} (the current folder; name a folder for the run, "
+                "e.g. runs/NAME)"
+            )
+        if any(p.name != LOCK_FILE for p in out.iterdir()):
+            raise ValueError(
+                f"Invalid output folder: {name!r} (not empty and not an sfwprune run; choose a "
+                "new or empty folder)"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"Invalid output folder: {str(out)!r} ({exc.strerror})") from None
+        raise ValueError(f"Invalid output folder: {name!r} ({exc.strerror})") from None
+    held.enter_context(run_lock(out))
     has_ckpt = (out / CHECKPOINT_FILE).is_file()
+    if resume is True and not has_ckpt:
+        raise ValueError(
+            f"Invalid --resume: the run in {name!r} has no {CHECKPOINT_FILE} (nothing to resume; "
+            "drop --resume to train it again from the start)"
+        )
     if has_ckpt and not resume:
         raise ValueError(
-            f"Invalid output folder: {str(out)!r} (it holds a run already; pass --resume to "
+            f"Invalid output folder: {name!r} (it holds a run already; pass --resume to "
             "continue it or choose another --out)"
         )
+    stale = [p for p in out.glob(".*.tmp")]  # from a killed writer: we hold the lock now
+    if not has_ckpt:
+        stale += [p for pattern in DERIVED_GLOBS for p in out.glob(pattern)]
+    for path in stale:
+        path.unlink(missing_ok=True)
     probe = out / ".write-test"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise ValueError(
-            f"Invalid output folder: {str(out)!r} (not writable: {exc.strerror})"
+            f"Invalid output folder: {name!r} (not writable: {exc.strerror})"
         ) from None
     return has_ckpt
 
@@ -192,12 +445,16 @@ def train_run(
     cfg: TrainConfig,
     out_dir: str | Path,
     *,
-    resume: bool = False,
+    resume: bool | str = False,
     quiet: bool = False,
     log: Callable[[str], None] = print,
     stop_after_epoch: int | None = None,
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its checkpoint exactly.
+
+    ``resume=True`` requires a run with a checkpoint in ``out_dir``; ``resume="auto"`` continues
+    one when there and starts otherwise. The folder rules are :func:`_prepare_folder`'s; the
+    folder stays locked while training, and SIGTERM stops like Ctrl-C (KeyboardInterrupt).
 
     ``stop_after_epoch`` ends the run early after that epoch (for tests of interruption).
     Started by ``torchrun`` (or inside a process group the caller set up) it trains
@@ -205,11 +462,15 @@ def train_run(
     rank returns the same metrics and weights.
     """
     cfg.validate()
+    if resume not in (False, True, "auto"):
+        raise ValueError(f"Invalid resume: {resume!r} (expected False, True or 'auto')")
+    resolve_device(cfg.device)  # a bad device name fails here, as a ValueError
     ctx = init_distributed(cfg.device)
-    return _train_run(
-        ctx, cfg, Path(out_dir), resume=resume, quiet=quiet or not ctx.is_main, log=log,
-        stop_after_epoch=stop_after_epoch,
-    )  # fmt: skip
+    with sigterm_as_interrupt(), contextlib.ExitStack() as held:
+        return _train_run(
+            ctx, cfg, Path(out_dir), resume=resume, quiet=quiet or not ctx.is_main, log=log,
+            stop_after_epoch=stop_after_epoch, held=held,
+        )  # fmt: skip
 
 
 def _train_run(
@@ -217,16 +478,17 @@ def _train_run(
     cfg: TrainConfig,
     out: Path,
     *,
-    resume: bool,
+    resume: bool | str,
     quiet: bool,
     log: Callable[[str], None],
     stop_after_epoch: int | None,
+    held: contextlib.ExitStack,
 ) -> RunResult:
     start = time.perf_counter()
     device = ctx.device
     # Data first: a missing dataset must fail before the run folder exists.
     data = ctx.main_first(lambda: load_data(cfg))  # rank 0 first: it may fill a cache
-    resuming = ctx.main_only(lambda: _check_folder(cfg, out, resume))
+    resuming = ctx.main_only(lambda: _check_folder(cfg, out, resume, held, data))
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, data, device)
     channels_last = use_channels_last(model, device)
@@ -264,15 +526,25 @@ def _train_run(
             init_info = _run_sfw_init(cfg, data, model, optimizer, device, channels_last)
             if not quiet:
                 log(f"SFW-Init: {init_info['iters']} iterations in {init_info['seconds']:.1f}s")
-        ctx.main_only(lambda: _write_start_files(out, cfg, ctx))
+        ctx.main_only(lambda: _write_start_files(out, cfg, ctx, data))
     net = ctx.wrap(model)
 
     elapsed = metrics[-1]["elapsed_seconds"] if metrics else 0.0
     t0 = 0.0
 
+    # AC/DC: the schedule changes the masks fit reads at every step; a resumed run inside a
+    # sparse phase re-derives the same mask from its already-pruned weights.
+    acdc = None if cfg.acdc_sparsity is None else ACDCSchedule(cfg.epochs, cfg.acdc_sparsity)
+    masks: dict[str, torch.Tensor] = {}
+
     def on_epoch_start(epoch: int) -> None:
         nonlocal t0
         t0 = time.perf_counter()
+        if acdc is not None:
+            new = acdc.masks_for(model, epoch, masks or None)
+            if new is not masks:
+                masks.clear()
+                masks.update(new or {})
 
     def after_train(epoch: int, row: dict[str, Any]) -> dict[str, Any]:
         local = {k: v for k, v in row.items() if k != "epoch"}
@@ -302,7 +574,7 @@ def _train_run(
 
     if start_epoch < cfg.epochs:
         fit(
-            net, loader, optimizer, epochs=cfg.epochs, scheduler=scheduler,
+            net, loader, optimizer, epochs=cfg.epochs, scheduler=scheduler, masks=masks,
             precision=cfg.precision, label_smoothing=cfg.label_smoothing,
             start_epoch=start_epoch, on_epoch_start=on_epoch_start,
             epoch_batches=None if quiet else functools.partial(_progress, cfg),
@@ -313,12 +585,12 @@ def _train_run(
     summary = {
         "config": cfg.to_dict(),
         "provenance": _provenance(ctx, wall_seconds=time.perf_counter() - start),
-        "epochs_done": len(metrics),
+        "epochs_done": metrics[-1]["epoch"] if metrics else 0,
         "train_seconds": metrics[-1]["elapsed_seconds"] if metrics else 0.0,
         "final": metrics[-1] if metrics else None,
         "sfw_init": init_info,
     }
-    if len(metrics) == cfg.epochs:
+    if summary["epochs_done"] == cfg.epochs:
         ctx.main_only(lambda: _io.atomic_write_json(out / SUMMARY_FILE, summary))
     return RunResult(cfg, metrics, summary, model)
 
@@ -329,15 +601,18 @@ def use_channels_last(model: nn.Module, device: torch.device) -> bool:
     return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def _check_folder(cfg: TrainConfig, out: Path, resume: bool) -> bool:
-    """Rank 0: prepare ``out``; with a checkpoint there, check it was made with ``cfg``."""
-    resuming = _prepare_folder(out, resume)
+def _check_folder(
+    cfg: TrainConfig, out: Path, resume: bool | str, held: contextlib.ExitStack, data: Dataset
+) -> bool:
+    """Rank 0: prepare and lock ``out``; with a checkpoint there, check it was made with ``cfg``
+    on the same data."""
+    resuming = _prepare_folder(out, resume, held)
     if resuming:
-        stored = read_config(out)
+        record = read_run_file(out)
+        stored = TrainConfig.from_dict(record["config"])
+        check_source(record.get("data_source"), data.source)
         if stored != cfg:
-            diff = {
-                k: (v, getattr(cfg, k)) for k, v in stored.to_dict().items() if getattr(cfg, k) != v
-            }
+            diff = _config_diff(stored, cfg)
             raise ValueError(
                 f"Invalid --resume: the run in {str(out)!r} was made with another config "
                 f"(stored vs given: {diff})"
@@ -349,16 +624,20 @@ def _provenance(ctx: DistContext, **kw: Any) -> dict[str, Any]:
     return {**provenance(ctx.device, **kw), **ctx.describe()}
 
 
-def _write_start_files(out: Path, cfg: TrainConfig, ctx: DistContext) -> None:
-    _io.atomic_write_json(
-        out / CONFIG_FILE, {"config": cfg.to_dict(), "provenance": _provenance(ctx)}
-    )
+def _write_start_files(out: Path, cfg: TrainConfig, ctx: DistContext, data: Dataset) -> None:
+    # run_id: which training made the weights (checkpoints and sweeps record it);
+    # data_source: the data it was made from (sweep / prune / resume check it).
+    record = {
+        "config": cfg.to_dict(), "run_id": uuid.uuid4().hex,
+        "data_source": data.source.as_dict(), "provenance": _provenance(ctx),
+    }  # fmt: skip
     _io.atomic_write_text(out / METRICS_FILE, "")
+    _io.atomic_write_json(out / CONFIG_FILE, record)
 
 
 def _truncate_metrics(out: Path, epochs: int) -> list[dict[str, Any]]:
     """The metrics rows of the first ``epochs`` epochs, rewritten as the file's whole content."""
-    metrics = read_metrics(out)[:epochs]
+    metrics = [row for row in read_metrics(out) if row["epoch"] <= epochs]
     _io.atomic_write_text(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in metrics))
     return metrics
 
@@ -367,7 +646,9 @@ def _write_epoch(out: Path, ckpt: dict[str, Any], row: dict[str, Any]) -> None:
     # The metrics line first: a kill between the two leaves a line past the checkpoint, which
     # --resume drops (it keeps the lines of the checkpoint's epochs), never a missing line.
     _io.append_line(out / METRICS_FILE, json.dumps(row))
-    _io.atomic_torch_save(ckpt, out / CHECKPOINT_FILE)
+    _io.atomic_torch_save(
+        {**ckpt, "run_id": read_run_file(out).get("run_id")}, out / CHECKPOINT_FILE
+    )
 
 
 def _global_loader_state(loader: DeviceLoader, cfg: TrainConfig) -> dict[str, Any]:

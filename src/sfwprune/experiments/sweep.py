@@ -3,6 +3,7 @@
 Schema of ``sweep.json``::
 
     {"config": {"train": {...}, "sweep": {...}}, "provenance": {...},
+     "run": {"run_id", "epoch", "finished"},   # the weights evaluated: which training, which epoch
      "rows": [{"sparsity", "measured_sparsity", "accuracy", "loss"}, ...]}
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from ..prune.masks import CRITERIA, INCLUDES, SCOPES
 from ..train import evaluate
 from .config import DEFAULT_SPARSITIES
 from .provenance import provenance
-from .runner import load_trained, test_loader, train_loader
+from .runner import TrainedRun, load_run, read_run_file, test_loader, train_loader
 
 ROW_KEYS = ("sparsity", "measured_sparsity", "accuracy", "loss")
 
@@ -37,6 +40,9 @@ class SweepConfig:
     bn_recalibrate: bool = False
     bn_batches: int = 20
     seed: int = 0  # for criterion="random"
+    # calibrated one-shot pruning (docs/algorithm.md §6): re-solve the kept weights per level
+    reconstruct: bool = False
+    calibration_size: int = 2048  # training images (no labels used), fixed seed CALIBRATION_SEED
 
     def validate(self) -> SweepConfig:
         for name, allowed in (("scope", SCOPES), ("include", INCLUDES), ("criterion", CRITERIA)):
@@ -44,6 +50,14 @@ class SweepConfig:
                 raise ValueError(
                     f"Invalid {name}: {getattr(self, name)!r} (expected one of {', '.join(allowed)})"
                 )
+        if (
+            isinstance(self.calibration_size, bool)
+            or not isinstance(self.calibration_size, int)
+            or self.calibration_size < 1
+        ):
+            raise ValueError(
+                f"Invalid calibration_size: {self.calibration_size!r} (expected an integer >= 1)"
+            )
         for s in self.sparsities:
             if not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
                 raise ValueError(f"Invalid sparsity: {s!r} (expected a number in [0, 1])")
@@ -57,41 +71,87 @@ def calibration_batches(cfg, data, device, count: int) -> list:
     return [b for _, b in zip(range(count), loader)]
 
 
+CALIBRATION_SEED = 12345  # one fixed draw of calibration images for every run and level
+
+
+def calibration_images(cfg, data, device, count: int) -> list:
+    """``count`` training images (a fixed seeded draw, no augmentation, labels dropped): the
+    calibration set of ``criterion="wanda"`` and of reconstruction."""
+    loader = train_loader(cfg, data, device, seed=CALIBRATION_SEED)
+    loader.augment = False
+    out, have = [], 0
+    for x, _ in loader:
+        out.append(x[: count - have])
+        have += len(out[-1])
+        if have >= count:
+            break
+    return out
+
+
 def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, Any]]:
     """Rows of :func:`sfwprune.prune.sparsity_sweep` for ``model`` on ``data``'s test split."""
     evaluator = test_loader(cfg, data, device)
     bn_batches = (
         calibration_batches(cfg, data, device, sweep.bn_batches) if sweep.bn_recalibrate else None
     )
+    calibration = None
+    if sweep.reconstruct or sweep.criterion == "wanda":
+        calibration = calibration_images(cfg, data, device, sweep.calibration_size)
     generator = torch.Generator().manual_seed(sweep.seed)
     return sparsity_sweep(
         model, lambda m: evaluate(m, evaluator, precision=cfg.precision), list(sweep.sparsities),
         bn_batches=bn_batches, scope=sweep.scope, include=sweep.include,
-        criterion=sweep.criterion, generator=generator,
+        criterion=sweep.criterion, generator=generator, calibration=calibration,
+        reconstruct=sweep.reconstruct,
     )  # fmt: skip
 
 
 def sweep_file_name(tag: str | None) -> str:
-    return "sweep" if not tag else f"sweep-{tag}"
+    """``sweep`` or ``sweep-TAG``; a tag is a plain name, so the file stays in the run folder."""
+    if tag is None or tag == "":
+        return "sweep"
+    if not isinstance(tag, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", tag):
+        raise ValueError(
+            f"Invalid tag: {tag!r} (expected letters, digits, '.', '_' or '-', not starting with "
+            "'.' or '-', no '/')"
+        )
+    return f"sweep-{tag}"
 
 
 def sweep_run(
-    run_dir: str | Path, sweep: SweepConfig, *, tag: str | None = None, loaded: tuple | None = None
+    run_dir: str | Path,
+    sweep: SweepConfig,
+    *,
+    tag: str | None = None,
+    loaded: TrainedRun | tuple | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Sweep the run in ``run_dir``; write ``sweep[-TAG].json`` and ``.csv``; return the JSON.
 
-    ``loaded`` is ``load_trained(run_dir)``'s result when the caller has it already."""
+    ``loaded`` is ``load_run(run_dir)`` (or ``load_trained``'s tuple) when the caller has it
+    already. Only a finished run is swept unless ``allow_partial`` (:func:`load_run`); the
+    result records the checkpoint's epoch and run id under ``"run"``."""
     sweep.validate()
+    name = sweep_file_name(tag)
     start = time.perf_counter()
-    cfg, model, data = loaded if loaded is not None else load_trained(run_dir)
+    if loaded is None:
+        loaded = load_run(run_dir, allow_partial=allow_partial)
+    if isinstance(loaded, TrainedRun):
+        cfg, model, data, run = loaded.config, loaded.model, loaded.data, loaded.record()
+    else:  # a load_trained tuple: a finished run, loaded just now
+        cfg, model, data = loaded
+        summary = Path(run_dir) / "summary.json"
+        epochs = json.loads(summary.read_text())["epochs_done"] if summary.is_file() else None
+        run = {"run_id": read_run_file(run_dir).get("run_id"), "epoch": epochs,
+               "finished": epochs is not None}  # fmt: skip
     device = next(model.parameters()).device
     rows = sweep_model(model, cfg, data, device, sweep)
     result = {
         "config": {"train": cfg.to_dict(), "sweep": asdict(sweep)},
         "provenance": provenance(device, wall_seconds=time.perf_counter() - start),
+        "run": run,
         "rows": rows,
     }
-    name = sweep_file_name(tag)
     _io.atomic_write_json(Path(run_dir) / f"{name}.json", result)
     _io.atomic_write_text(Path(run_dir) / f"{name}.csv", rows_to_csv(rows))
     return result
