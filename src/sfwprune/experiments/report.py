@@ -118,15 +118,36 @@ def _targets(stats: dict[str, list[tuple[float, float]]], sparsities: list[float
     return out
 
 
+def _read_grid(path: Path) -> dict[str, Any]:
+    """A ``reproduce_config.json``, checked before anything is written (``ValueError`` naming
+    the file when it is not one)."""
+    try:
+        rc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Invalid reproduce config: {str(path)!r} (not JSON: {exc})") from None
+    ints = ("epochs", "seeds", "finetune_epochs")
+    ok = isinstance(rc, dict) and all(
+        isinstance(rc.get(k), int) and not isinstance(rc.get(k), bool) for k in ints
+    )
+    sparsities = rc.get("sparsities") if ok else None
+    if (
+        not ok
+        or not isinstance(sparsities, list)
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in sparsities)
+    ):
+        raise ValueError(
+            f"Invalid reproduce config: {str(path)!r} (expected an object with integer "
+            f"{', '.join(ints)} and a list of sparsities)"
+        )
+    return rc
+
+
 def write_report(
     out_dir: str | Path, results_path: str | Path = "RESULTS.md", docs_dir: str | Path = "docs"
 ) -> Path:
     """Regenerate ``RESULTS.md`` and the figures in ``docs/`` from the grid in ``out_dir``."""
     out = Path(out_dir)
-    grids = {
-        p.parent.name: json.loads(p.read_text())
-        for p in sorted(out.glob("*/reproduce_config.json"))
-    }
+    grids = {p.parent.name: _read_grid(p) for p in sorted(out.glob("*/reproduce_config.json"))}
     if not grids:
         raise FileNotFoundError(
             f"Invalid reproduce folder: {str(out)!r} (no <model>/reproduce_config.json)"
