@@ -24,7 +24,8 @@ from sfwprune.experiments.runner import (
     train_run,
 )
 
-EPOCHS = 3  # killed in epoch 2; a slow machine overshooting into epoch 3 still counts
+EPOCHS = 10  # killed early; epoch 1 (JIT warm-up) is ~8x slower than the next ones, so the
+# sleep of 0.4 x epoch 1 overshoots a few epochs: 10 leave room on any machine
 # 128 steps of batch 8 on 8x8 synthetic images: about half a second per epoch on one thread.
 FLAGS = [
     "--dataset", "synthetic", "--model", "lenet300", "--epochs", str(EPOCHS), "--batch-size", "8",
