@@ -23,7 +23,7 @@ from sfwprune.experiments import runner
 from sfwprune.train import build_optimizer, evaluate
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
-RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json"}
+RUN_FILES = {"config.json", "metrics.jsonl", "checkpoint.pt", "summary.json", ".lock"}  # flock
 pytestmark = pytest.mark.slow
 
 
