@@ -18,11 +18,18 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
     log: list[str] = []
     run_reproduce(rc, out, log=log.append)
     model = out / "lenet300"
-    for method in ("sgd", "sfw", "sfw_init", "sfw_ksupport"):
+    for method in ("sgd", "sfw", "sfw_init", "sfw_ksupport", "cram", "acdc", "sfw_cram"):
         for seed in (0, 1):
             run = model / method / f"seed{seed}"
             assert (run / "summary.json").is_file() and (run / "sweep-layer.json").is_file()
-    assert (model / "sgd" / "seed0" / "sweep-random.json").is_file()
+            recon = json.loads((run / "sweep-recon.json").read_text())
+            assert recon["config"]["sweep"]["reconstruct"] is True
+            assert recon["config"]["sweep"]["calibration_size"] == 2048
+            assert all(r["seconds"] > 0 for r in recon["rows"])
+    for tag in ("random", "wanda", "wanda-recon"):
+        assert (model / "sgd" / "seed0" / f"sweep-{tag}.json").is_file()
+    cram = json.loads((model / "cram" / "seed0" / "config.json").read_text())["config"]
+    assert cram["optimizer"]["cram"] == "cram+" and cram["optimizer"]["name"] == "sgd"
     ft_path = model / "sgd_finetune" / "seed1.json"
     ft = json.loads(ft_path.read_text())
     assert [r["sparsity"] for r in ft["rows"]] == [0.0, 0.5, 0.9]
@@ -30,7 +37,8 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
     assert abs(ft["rows"][2]["measured_sparsity"] - 0.9) < 1e-3
     best = json.loads((model / "best.json").read_text())
     assert best["variant"] in ("sfw", "kf0.1_v15") and best["scope"] in ("global", "layer")
-    assert len(best["candidates"]) == 4
+    assert best["recon"]["variant"] in ("sfw", "kf0.1_v15") and best["recon"]["scope"] == "recon"
+    assert len(best["candidates"]) == 6  # 2 variants x (global, layer, recon)
     if best["variant"] != "sfw":
         assert (model / "sfw_best" / "seed1" / "summary.json").is_file()
     init = json.loads((model / "sfw_init" / "seed0" / "summary.json").read_text())["sfw_init"]
@@ -53,8 +61,10 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
     results = write_report(out, tmp_path / "RESULTS.md", tmp_path / "docs")
     text = results.read_text()
     assert f"`{git_revision()}`" in text and "Code revision(s) behind these numbers (1;" in text
-    for label in ("1. SGD + magnitude", "3. SGD + magnitude + fine-tune", "5. SFW + SFW-Init",
-                  "7. SFW, best variant", "How it was measured"):  # fmt: skip
+    for label in ("1. SGD + magnitude", "3. SGD + magnitude + fine-tune",
+                  "4. SGD + magnitude + reconstruction", "8. SFW + reconstruction", "13. CrAM+",
+                  "15. AC/DC", "17. SFW fed the CrAM+ gradient", "How it was measured",
+                  "Best row per sparsity"):  # fmt: skip
         assert label in text
     assert (tmp_path / "docs" / "repro_lenet300.png").is_file()
     assert (tmp_path / "docs" / "weights_lenet300.png").is_file()
