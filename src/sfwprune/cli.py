@@ -19,6 +19,15 @@ _PARTIAL = (
 )
 
 
+_RECONSTRUCT = (
+    "after masking, re-solve each layer's kept weights to match the dense layer outputs on "
+    "calibration images (no labels, no gradient training; docs/algorithm.md §6)"
+)
+_CALIBRATION = (
+    "training images for --reconstruct and --criterion wanda (a fixed seeded draw); default 2048"
+)
+
+
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
@@ -80,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
     p.add_argument("--criterion", default="magnitude", help=" | ".join(CRITERIA))
     p.add_argument("--bn-recalibrate", action="store_true", help="recompute BN stats per level")
+    p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
+    p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
     p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
@@ -90,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=_path, required=True, help="output file (.pt)")
     p.add_argument("--scope", default="global", help=" | ".join(SCOPES))
     p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
+    p.add_argument("--criterion", default="magnitude", help=" | ".join(CRITERIA))
     p.add_argument("--dtype", default="float32", help=" | ".join(DTYPES))
     p.add_argument("--bn-recalibrate", action="store_true")
+    p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
+    p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
 
     p = sub.add_parser("plot", help="accuracy vs sparsity (or --weights histogram) of runs")
@@ -110,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir")
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
     p.add_argument("--limit", type=int, help="first N training images only (quick checks)")
     p.add_argument("--no-explore", action="store_true", help="skip the best-variant search")
     p.add_argument("--variants", help="comma-separated candidate names for the best variant")
@@ -176,7 +191,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = SweepConfig(
         sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), scope=args.scope,
         include=args.include, criterion=args.criterion, bn_recalibrate=args.bn_recalibrate,
-        seed=args.seed,
+        seed=args.seed, reconstruct=args.reconstruct, calibration_size=args.calibration_size,
     )  # fmt: skip
     result = sweep_run(args.run_dir, sweep, tag=args.tag, allow_partial=args.allow_partial)
     if not result["run"]["finished"]:
@@ -192,7 +207,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     result = prune_run(
         args.run_dir, args.sparsity, args.out, scope=args.scope, include=args.include,
-        dtype=args.dtype, bn_recalibrate=args.bn_recalibrate, allow_partial=args.allow_partial,
+        criterion=args.criterion, dtype=args.dtype, bn_recalibrate=args.bn_recalibrate,
+        reconstruct=args.reconstruct, calibration_size=args.calibration_size,
+        allow_partial=args.allow_partial,
     )  # fmt: skip
     print(result.report)
     print(
@@ -229,6 +246,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             data_dir=args.data_dir, device=args.device, jobs=args.jobs,
             explore=not args.no_explore, limit=args.limit, best_from=args.best_from,
             allow_mixed_revisions=args.allow_mixed_revisions,
+            calibration_size=args.calibration_size,
             **({"variants": tuple(args.variants.split(","))} if args.variants else {}),
         )  # fmt: skip
         run_reproduce(rc, args.out, log=(lambda s: None) if args.quiet else print)

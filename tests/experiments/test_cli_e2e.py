@@ -51,7 +51,7 @@ def test_train_writes_config_metrics_checkpoint(run_dir: Path) -> None:
 def test_sweep_schema_and_csv(run_dir: Path, capsys) -> None:
     assert main(["sweep", str(run_dir), "--sparsities", "0,0.5,0.9"]) == 0
     printed = capsys.readouterr().out
-    assert "sparsity" in printed and "0.900" in printed
+    assert "sparsity" in printed and "90.00%" in printed
     result = json.loads((run_dir / "sweep.json").read_text())
     assert set(result) == {"config", "provenance", "run", "rows"}
     assert result["run"]["epoch"] == 2 and result["run"]["finished"] is True
@@ -178,3 +178,36 @@ def test_bad_input_one_line_exit_2(argv, needle, tmp_path, capsys) -> None:
     assert len(err.strip().splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_sweep_and_prune_with_reconstruction(run_dir: Path, tmp_path: Path, capsys) -> None:
+    args = ["sweep", str(run_dir), "--sparsities", "0,0.9", "--reconstruct"]
+    assert main([*args, "--calibration-size", "128", "--tag", "recon"]) == 0
+    result = json.loads((run_dir / "sweep-recon.json").read_text())
+    sweep = result["config"]["sweep"]
+    assert sweep["reconstruct"] is True and sweep["calibration_size"] == 128
+    assert all(r["seconds"] > 0 for r in result["rows"])
+    assert "seconds" in capsys.readouterr().out
+    out = tmp_path / "recon.pt"
+    assert main(["prune", str(run_dir), "--sparsity", "0.9", "--reconstruct",
+                 "--criterion", "wanda", "--calibration-size", "128", "--out", str(out)]) == 0  # fmt: skip
+    assert "90% sparsity" in capsys.readouterr().out and out.is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sweep", "--reconstruct", "--calibration-size", "0"], "Invalid calibration_size: 0"),
+        (["prune", "--sparsity", "0.5", "--reconstruct", "--calibration-size", "-3"],
+         "Invalid calibration_size: -3"),
+        (["prune", "--sparsity", "0.5", "--criterion", "taylor"], "Invalid criterion: 'taylor'"),
+    ],
+)  # fmt: skip
+def test_reconstruction_flags_refuse_bad_values(run_dir, tmp_path, capsys, args, message) -> None:
+    command, *rest = args
+    out = ["--out", str(tmp_path / "x.pt")] if command == "prune" else []
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main([command, str(run_dir), *rest, *out]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert not (tmp_path / "x.pt").exists()

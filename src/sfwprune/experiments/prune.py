@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._checks import check_bool, check_choice
-from ..prune.masks import INCLUDES, SCOPES, check_sparsity
+from .._checks import check_bool, check_choice, check_int
+from ..prune.masks import CRITERIA, INCLUDES, SCOPES, check_sparsity
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -31,8 +31,11 @@ def prune_run(
     *,
     scope: str = "global",
     include: str = "weights",
+    criterion: str = "magnitude",
     dtype: str = "float32",
     bn_recalibrate: bool = False,
+    reconstruct: bool = False,
+    calibration_size: int = 2048,
     allow_partial: bool = False,
 ) -> PruneResult:
     """Prune the run in ``run_dir`` to ``sparsity`` (global magnitude by default), write the
@@ -40,6 +43,8 @@ def prune_run(
     what that file holds (the weights at ``dtype``). ``out`` may not be one of a run's own files
     (:func:`~sfwprune.experiments.runner.check_output_file`); a run still training or not
     finished is refused unless ``allow_partial`` (:func:`~sfwprune.experiments.runner.load_run`).
+    ``reconstruct`` re-solves the kept weights on ``calibration_size`` training images (also the
+    inputs of ``criterion="wanda"``), before the file is written.
     """
     import torch
 
@@ -53,11 +58,14 @@ def prune_run(
     )
     from ..train import evaluate
     from .runner import check_output_file, load_run, test_loader
-    from .sweep import SweepConfig, calibration_batches
+    from .sweep import SweepConfig, calibration_batches, calibration_images
 
     sparsity = check_sparsity(sparsity)
     check_choice("scope", scope, SCOPES)
     check_choice("include", include, INCLUDES)
+    check_choice("criterion", criterion, CRITERIA)
+    check_bool("reconstruct", reconstruct)
+    check_int("calibration_size", calibration_size, 1)
     check_choice("dtype", dtype, DTYPES)
     check_bool("bn_recalibrate", bn_recalibrate)
     out = check_output_file(out)
@@ -66,7 +74,11 @@ def prune_run(
     run = load_run(run_dir, allow_partial=allow_partial)
     cfg, model, data = run.config, run.model, run.data
     device = next(model.parameters()).device
-    prune_(model, sparsity, scope=scope, include=include)
+    calibration = None
+    if reconstruct or criterion == "wanda":
+        calibration = calibration_images(cfg, data, device, calibration_size)
+    prune_(model, sparsity, scope=scope, include=include, criterion=criterion,
+           calibration=calibration, reconstruct=reconstruct)  # fmt: skip
     if bn_recalibrate:
         recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
     save_pruned(model, out, dtype=getattr(torch, dtype))

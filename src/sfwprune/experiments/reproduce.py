@@ -132,6 +132,10 @@ class ReproduceConfig:
                 f"Invalid reproduce settings: seeds={self.seeds}, epochs={self.epochs}, "
                 f"jobs={self.jobs}, finetune_epochs={self.finetune_epochs} (expected positive integers)"
             )
+        if self.calibration_size < 1:
+            raise ValueError(
+                f"Invalid calibration_size: {self.calibration_size!r} (expected an integer >= 1)"
+            )
         from ..models import MODELS
 
         for m in self.models:

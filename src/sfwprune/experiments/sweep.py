@@ -167,9 +167,16 @@ def rows_to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'sparsity':>9} {'measured':>9} {'accuracy':>9} {'loss':>8}"]
+    """The sweep as a table; sparsities as percentages that never round to 100% (or 0%)."""
+    from ..prune.report import format_sparsity
+
+    timed = any("seconds" in r for r in rows)
+    head = f"{'sparsity':>11} {'measured':>11} {'accuracy':>9} {'loss':>8}"
+    lines = [head + (f" {'seconds':>8}" if timed else "")]
     for r in rows:
-        lines.append(
-            f"{r['sparsity']:>9.3f} {r['measured_sparsity']:>9.4f} {r['accuracy']:>8.2f}% {r['loss']:>8.4f}"
+        line = (
+            f"{format_sparsity(r['sparsity']):>11} {format_sparsity(r['measured_sparsity']):>11} "
+            f"{r['accuracy']:>8.2f}% {r['loss']:>8.4f}"
         )
+        lines.append(line + (f" {r.get('seconds', float('nan')):>8.2f}" if timed else ""))
     return "\n".join(lines)
