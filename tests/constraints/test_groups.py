@@ -1,4 +1,4 @@
-"""constraint_groups: sizes from initialization (REFERENCE §3), include filters, feasibility."""
+"""constraint_groups: sizes from initialization (docs/algorithm.md §3), include filters, feasibility."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ rows, conv filters). With ``r_g = ||x_g||_2``:
 
 (the group analogue of ``B_1(Kτ) ∩ B_∞(τ)``). LMO: the K groups of largest ``||m_g||_2`` get
 ``-τ·m_g/||m_g||_2``, the others 0 (and a zero-gradient group stays 0). L2 diameter: ``2τ√K``
-(REFERENCE §9).
+(docs/algorithm.md §7).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-tensor constraint sets for a whole model, sized from its initialization (REFERENCE §3).
+"""Per-tensor constraint sets for a whole model, sized from its initialization (docs/algorithm.md §3).
 
 ``constraint_groups(model)`` returns optimizer param groups, one per parameter tensor, each
 carrying its set as plain values (``constraint``, ``n``, ``k``, ``p``, ``radius``), so an
@@ -164,7 +164,7 @@ def constraint_groups(
 ) -> list[dict[str, Any]]:
     """One SFW param group per parameter tensor, each with its constraint set; moves params inside.
 
-    Sizing (REFERENCE §3): ``K = min(max(k_min, ⌊k_frac·numel⌋), numel)``; with
+    Sizing (docs/algorithm.md §3): ``K = min(max(k_min, ⌊k_frac·numel⌋), numel)``; with
     ``mode="initialization"`` the set's L2 diameter is ``2·value·E||θ_init||``, with
     ``mode="radius"`` the radius is ``value``, with ``mode="diameter"`` the L2 diameter is
     ``value``. Parameters are rescaled radially into their sets in place.
@@ -184,7 +184,7 @@ def constraint_groups(
             SFW's ``lr`` (a fraction of the way to a vertex). 1.0 (default) is the same step as
             ``torch.optim.SGD(lr=0.1, momentum=0.9)``: SGD's ``lr/(1-ρ)``.
 
-    Structured kinds (REFERENCE §9) apply to the weights of ``nn.Linear`` / conv layers, with
+    Structured kinds (docs/algorithm.md §7) apply to the weights of ``nn.Linear`` / conv layers, with
     their rows (``weight.reshape(out, -1)``) as the unit; every other included tensor (biases,
     BatchNorm parameters, and the weights the structured set does not fit) gets the K-sparse set,
     sized as above:

@@ -7,7 +7,7 @@ groups are simply consecutive blocks of ``M``):
     C(N, M, τ) = Π_groups C(K=N, τ) = { x : |x_i| <= τ,  Σ_{i ∈ g} |x_i| <= Nτ  for every group g }
 
 LMO: in every group, the N entries of largest ``|g|`` get ``-τ·sign(g_i)``, the others 0
-(what 2:4 sparse tensor cores run). L2 diameter: ``2τ√(N·#groups)`` (REFERENCE §9).
+(what 2:4 sparse tensor cores run). L2 diameter: ``2τ√(N·#groups)`` (docs/algorithm.md §7).
 """
 
 from __future__ import annotations

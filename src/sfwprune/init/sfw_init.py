@@ -4,7 +4,7 @@ With ``θ_j = α_j·θ⁰_j`` (direction fixed, ``α_j`` starts at 1), minimise 
 
     L_B(θ + η(v - θ)) / lr,    v = lmo(∇L_A(θ)) held constant,
 
-i.e. choose the scales that make one SFW step reduce the loss the most (REFERENCE §5). Then
+i.e. choose the scales that make one SFW step reduce the loss the most (docs/algorithm.md §5). Then
 write ``α_j·θ⁰_j`` into the model and shift every tensor back inside its set.
 """
 

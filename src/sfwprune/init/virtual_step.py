@@ -5,7 +5,7 @@ For a tensor ``θ`` with gradient ``g`` (the first SFW step has ``m_0 = g_0``):
     v = lmo(g)  (a constant),   θ' = θ + η (v - θ),   η = clamp(lr·||g|| / ||θ - v||, 0, 1)
 
 (``η = clamp(lr/D, 0, 1)`` for ``rescale="diameter"``, ``clamp(lr, 0, 1)`` for ``None``);
-unconstrained tensors take ``θ' = θ - lr·g``. SFW-Init (REFERENCE §5) minimises
+unconstrained tensors take ``θ' = θ - lr·g``. SFW-Init (docs/algorithm.md §5) minimises
 ``L_B(θ') / lr`` over per-tensor scales ``α`` with ``θ = α·θ⁰``, differentiating through ``g``
 (second order) but not through ``v``.
 """

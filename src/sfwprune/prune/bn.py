@@ -2,7 +2,7 @@
 
 Pruning shifts every layer's activation statistics, so the stored ``running_mean`` /
 ``running_var`` no longer match; re-estimating them on a few training batches is a cheap fix the
-paper does not use (REFERENCE §4).
+paper does not use (docs/algorithm.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Physically smaller models: drop channels whose output is exactly zero (REFERENCE §9).
+"""Physically smaller models: drop channels whose output is exactly zero (docs/algorithm.md §7).
 
 ``shrink(model, masks)`` copies the model, applies the masks, and in every channel space
 (:func:`~sfwprune.prune.structured.channel_spaces`) removes the channels that all its producers
