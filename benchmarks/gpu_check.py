@@ -8,6 +8,11 @@ time, images/s, the optimizer step's median time (CUDA events), and SFW/SGD rati
 well under 4 minutes on one H100 with the defaults; on CPU, e.g.
 
     PYTHONPATH=src python benchmarks/gpu_check.py --device cpu --images 512
+
+The 2:4 section (``--sections 2:4``) times ``F.linear(x, W)`` with ``W`` a 2:4-pruned fp16
+weight, dense vs ``torch.sparse.to_sparse_semi_structured(W)`` (sparse tensor cores), at the
+matmul shapes of VGG-16 / ResNet-18 layers (conv layers as their im2col matmul), and checks the
+sparse result against the dense one. Without CUDA it is recorded as skipped.
 """
 
 from __future__ import annotations
@@ -148,6 +153,87 @@ def run(name: str, model: nn.Module, opt: torch.optim.Optimizer, loader, args, d
     }
 
 
+# (name, out features, in features, rows of x): linear layers, and conv layers as im2col
+# matmuls (out channels, C·3·3, batch·H·W) at batch 256 on CIFAR-sized inputs
+SPARSE_SHAPES = (
+    ("vgg16_classifier_512x512_b256", 512, 512, 256),
+    ("vgg16_fc_4096x4096_b256", 4096, 4096, 256),
+    ("resnet18_layer3_conv_256x2304", 256, 2304, 256 * 8 * 8),
+    ("resnet18_layer4_conv_512x4608", 512, 4608, 256 * 4 * 4),
+    ("vgg16_conv_512x4608", 512, 4608, 256 * 2 * 2),
+)
+
+
+def prepare_2_4(
+    out_features: int,
+    in_features: int,
+    rows: int,
+    *,
+    dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight pruned to 2:4 by ``prune_(structure="2:4")`` and an input, on ``device``.
+
+    Returns ``(W, x)``: ``W`` of shape ``(out, in)`` from :func:`semi_structured_state`
+    (verified 2:4, ``dtype``, contiguous), ``x`` of shape ``(rows, in)`` in ``dtype``.
+    """
+    from sfwprune.prune import prune_, semi_structured_state
+
+    gen = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+    prune_(layer, structure="2:4")
+    w = semi_structured_state(layer, dtype=dtype)["weight"]
+    x = torch.randn(rows, in_features, generator=gen).to(dtype)
+    return w.to(device), x.to(device)
+
+
+def _cuda_ms(fn, repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def sparse_2_4_section(device: torch.device, repeats: int = 50) -> dict:
+    """Dense vs semi-structured (2:4) fp16 ``F.linear`` per shape; skipped without CUDA."""
+    if device.type != "cuda":
+        return {"skipped": f"no CUDA device (device {device})"}
+    from torch.sparse import to_sparse_semi_structured
+
+    rows = {}
+    for name, out_f, in_f, n in SPARSE_SHAPES:
+        w, x = prepare_2_4(out_f, in_f, n, device=device)
+        try:
+            ws = to_sparse_semi_structured(w)
+        except (RuntimeError, NotImplementedError) as exc:  # no kernel for this GPU / build
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
+            continue
+        dense_out = nn.functional.linear(x, w)
+        sparse_out = nn.functional.linear(x, ws)
+        dense_ms = _cuda_ms(lambda w=w, x=x: nn.functional.linear(x, w), repeats)
+        sparse_ms = _cuda_ms(lambda ws=ws, x=x: nn.functional.linear(x, ws), repeats)
+        err = (sparse_out.float() - dense_out.float()).abs().max().item()
+        scale = dense_out.float().abs().max().item()
+        rows[name] = {
+            "shape": [out_f, in_f, n],
+            "backend": type(ws).__name__,
+            "dense_ms": dense_ms,
+            "sparse_ms": sparse_ms,
+            "speedup": dense_ms / sparse_ms,
+            "max_abs_err_rel": err / scale if scale else err,
+            "tflops_dense": 2 * out_f * in_f * n / dense_ms / 1e9,
+        }
+    return {"dtype": "float16", "repeats": repeats, "shapes": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,7 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-channels-last", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
+    ap.add_argument("--sections", default="train,2:4",
+                    help="comma-separated: train (SGD vs SFW epochs), 2:4 (semi-structured matmul)")  # fmt: skip
     args = ap.parse_args(argv)
+    sections = set(args.sections.split(","))
+    if not sections or sections - {"train", "2:4"}:
+        ap.error(f"Invalid --sections: {args.sections!r} (expected train and/or 2:4)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -170,6 +261,28 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     channels_last = not args.no_channels_last
     start = time.perf_counter()
+    out: dict = {
+        "benchmark": "gpu_check",
+        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (platform.processor() or platform.machine()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "train" in sections:
+        out.update(_train_section(args, device, channels_last))
+    if "2:4" in sections:
+        out["sparse_2_4"] = sparse_2_4_section(device)
+    out["wall_s"] = time.perf_counter() - start
+    print(json.dumps(out, indent=2))
+    if args.out:
+        atomic_write_json(args.out, out)
+    return 0
+
+
+def _train_section(args: argparse.Namespace, device: torch.device, channels_last: bool) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.images, 3, 32, 32), dtype=torch.uint8, generator=gen)
     y = torch.randint(0, 10, (args.images,), generator=gen)
@@ -187,15 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             opt = sfwprune.SFW(sfwprune.constraint_groups(model), lr=1.0, momentum=0.9,
                                check_finite=name == "sfw")  # fmt: skip
         results[name] = run(name, model, opt, loader, args, device)
-    out = {
-        "benchmark": "gpu_check",
-        "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else (platform.processor() or platform.machine()),
-        "torch_threads": torch.get_num_threads(),
+    return {
         "loader": type(loader).__name__,
         "images": args.images,
         "batch": args.batch,
@@ -208,12 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         / results["sgd"]["optimizer_step_ms_median"],
         "sfw_unchecked_over_sgd_epoch": results["sfw_unchecked"]["median_epoch_s"]
         / results["sgd"]["median_epoch_s"],
-        "wall_s": time.perf_counter() - start,
     }
-    print(json.dumps(out, indent=2))
-    if args.out:
-        atomic_write_json(args.out, out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One-shot pruning masks: zero the ``s``-fraction of least important entries (REFERENCE §4).
+"""One-shot pruning masks: zero the ``s``-fraction of least important entries (docs/algorithm.md §4).
 
 For a ranked set of ``N`` entries with scores ``a`` (``|w|``, Wanda's ``|w|·||X_j||`` or uniform
 noise), the pruned entries are the ``round(s·N)`` first ones in the order of ``(a_i, i)``: the
@@ -204,67 +204,107 @@ def split_masks(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 @torch.no_grad()
 def prune_(
     model: nn.Module,
-    sparsity: float,
+    sparsity: float | None = None,
     *,
+    structure: str | None = None,
     scope: str = "global",
     criterion: str = "magnitude",
     include: str = "weights",
     generator: torch.Generator | None = None,
     calibration: Iterable[Any] | None = None,
     reconstruct: bool = False,
+    norm: int = 2,
+    indivisible: str = "error",
 ) -> dict[str, Tensor]:
     """Zero the ``sparsity``-fraction of least important entries in place; return keep masks.
 
-        Per ranked set of ``N`` entries, the ``round(s·N)`` entries first in ``(score, flat index)``
-        order are zeroed, where ``score = |w|`` (magnitude), ``|w_ij|·||X_j||₂/√n`` (wanda, see
-    :func:`flat_scores`) or ``U(0, 1)`` noise (random). Entries that
-        were already zero count as zeros, so the measured sparsity is ``s`` within one element per set
-        (or higher if more than ``s·N`` entries were zero before).
+    Unstructured (``structure=None``): per ranked set of ``N`` entries, the ``round(s·N)``
+    entries first in ``(score, flat index)`` order are zeroed, where ``score = |w|``
+    (magnitude), ``|w_ij|·||X_j||₂/√n`` (wanda, see :func:`flat_scores`) or ``U(0, 1)`` noise
+    (random). Entries that were already zero count as zeros, so the measured sparsity is ``s``
+    within one element per set (or higher if more than ``s·N`` entries were zero before).
 
-        Args:
-            model: the network, changed in place.
-            sparsity: target fraction of zeros in ``[0, 1]``.
-            scope: ``"global"`` (one ranking over all selected tensors, the paper's choice) or
-                ``"layer"`` (each tensor pruned to the same sparsity).
-            criterion: ``"magnitude"`` (smallest ``|w|`` first), ``"wanda"`` (needs ``calibration``)
-                or ``"random"``.
-            include: ``"weights"`` (conv and linear weights) or ``"all"`` (every parameter).
-            generator: random source for ``criterion="random"`` (default: the global one).
-            calibration: input batches (tensors or ``(inputs, targets)`` pairs, labels unused) for
-                ``criterion="wanda"`` and ``reconstruct=True``.
-            reconstruct: after masking, re-solve the kept weights and biases layer by layer to match
-                the dense network's outputs on ``calibration`` (:func:`reconstruct_`, default options;
-                BatchNorm statistics re-estimated). Calibration errors raise before anything changes.
+    Structured (:mod:`.structured`): ``structure="channel"`` removes the ``sparsity``-fraction
+    of output units (Linear rows, conv filters) of smallest weight-row norm, with their bias
+    and BatchNorm entries (never the output layer, never a ResNet residual space; at least one
+    unit per layer), so :func:`~sfwprune.prune.shrink.shrink` can drop them. ``structure="N:M"``
+    (e.g. ``"2:4"``) keeps the N largest ``|w|`` of every M consecutive entries of every
+    Linear/conv weight row; its sparsity is ``1 - N/M`` by definition, so ``sparsity`` is
+    ``None`` or that value.
 
-        Returns:
-            ``{parameter name: bool tensor}``, ``True`` where the entry is kept.
+    Args:
+        model: the network, changed in place.
+        sparsity: target fraction of zeros in ``[0, 1]`` (channel: of units, in ``[0, 1)``);
+            ``None`` only for N:M.
+        structure: ``None`` (unstructured), ``"channel"`` or ``"N:M"``.
+        scope: ``"global"`` (one ranking over all selected tensors / units, the paper's choice)
+            or ``"layer"`` (each tensor pruned to the same sparsity). Unused for N:M.
+        criterion: ``"magnitude"`` (smallest ``|w|`` first), ``"wanda"`` (needs
+            ``calibration``) or ``"random"``; structures take ``"magnitude"`` only.
+        include: ``"weights"`` (conv and linear weights) or ``"all"`` (every parameter);
+            structures take ``"weights"``.
+        generator: random source for ``criterion="random"`` (default: the global one).
+        calibration: input batches (tensors or ``(inputs, targets)`` pairs, labels unused) for
+            ``criterion="wanda"`` and ``reconstruct=True``.
+        reconstruct: after masking, re-solve the kept weights and biases layer by layer to match
+            the dense network's outputs on ``calibration`` (:func:`reconstruct_`, default options;
+            BatchNorm statistics re-estimated). The masks stay fixed, so a removed unit's weights,
+            bias and BatchNorm scale/shift stay exactly 0. Calibration errors raise before
+            anything changes.
+        norm: channel only: rank units by the L2 (``2``) or L1 (``1``, Li et al. 2017) norm.
+        indivisible: N:M only: ``"error"`` when a row length is not a multiple of M, or
+            ``"skip"`` (such layers stay dense, without a mask).
 
-        Example:
-            >>> net = nn.Linear(4, 1, bias=False)
-            >>> _ = net.weight.data.copy_(torch.tensor([[0.3, -0.1, 2.0, 0.2]]))
-            >>> prune_(net, 0.5)["weight"]
-            tensor([[ True, False,  True, False]])
+    Returns:
+        ``{parameter name: bool tensor}``, ``True`` where the entry is kept.
+
+    Example:
+        >>> net = nn.Linear(4, 1, bias=False)
+        >>> _ = net.weight.data.copy_(torch.tensor([[0.3, -0.1, 2.0, 0.2]]))
+        >>> prune_(net, 0.5)["weight"]
+        tensor([[ True, False,  True, False]])
+        >>> prune_(net, structure="1:2")["weight"]
+        tensor([[ True, False,  True, False]])
     """
-    sparsity = check_sparsity(sparsity)
     check_options(scope, criterion, include, generator)
-    named = prunable_parameters(model, include)
-    params = [p for _, p in named]
+    if structure is None:
+        if norm != 2 or indivisible != "error":
+            raise ValueError(
+                f"Invalid norm/indivisible: {norm!r}/{indivisible!r} (structured pruning only; "
+                "pass structure='channel' or 'N:M')"
+            )
+        sparsity = check_sparsity(sparsity)
+        named = prunable_parameters(model, include)
+    else:
+        # .structured imports this module (check_sparsity), hence the import here
+        from .structured import structure_masks
+
+        masks = structure_masks(
+            model, sparsity, structure, scope=scope, criterion=criterion, include=include,
+            norm=norm, indivisible=indivisible,
+        )  # fmt: skip
     if reconstruct:
         calibration = check_calibration(model, calibration)
-    scores = flat_scores(
-        named, criterion, generator, calibration_norms(model, criterion, calibration)
-    )
     dense = copy.deepcopy(model) if reconstruct else None
-    masks: dict[str, Tensor] = {}
-    for members in ranked_sets(scope, len(named)):
-        score = concat([scores[i] for i in members])
-        pruned = lowest(score, prune_count(sparsity, score.numel()))
-        for i, keep in zip(
-            members, split_masks(~pruned, [params[i] for i in members]), strict=True
-        ):
-            params[i].masked_fill_(~keep, 0)
-            masks[named[i][0]] = keep
-    masks = {name: masks[name] for name, _ in named}
+    if structure is not None:
+        params = dict(model.named_parameters())
+        for name, keep in masks.items():
+            params[name].masked_fill_(~keep, 0)
+    else:
+        params_list = [p for _, p in named]
+        scores = flat_scores(
+            named, criterion, generator, calibration_norms(model, criterion, calibration)
+        )
+        masks = {}
+        for members in ranked_sets(scope, len(named)):
+            score = concat([scores[i] for i in members])
+            pruned = lowest(score, prune_count(sparsity, score.numel()))
+            for i, keep in zip(
+                members, split_masks(~pruned, [params_list[i] for i in members]), strict=True
+            ):
+                params_list[i].masked_fill_(~keep, 0)
+                masks[named[i][0]] = keep
+        masks = {name: masks[name] for name, _ in named}
     if dense is not None:
         reconstruct_(model, masks, calibration, dense=dense)
     return masks

@@ -1,4 +1,4 @@
-"""Structured one-shot pruning: whole output units (channels) or N:M patterns (REFERENCE §9).
+"""Structured one-shot pruning: whole output units (channels) or N:M patterns (docs/algorithm.md §7).
 
 - ``structure="channel"``: remove the ``sparsity``-fraction of output units (Linear rows, conv
   filters) with the smallest weight-row L2 norms. A removed unit loses its weight row, its bias
@@ -315,6 +315,56 @@ def prune_structured_(
     )
     apply_masks_(model, masks)
     return masks
+
+
+def structure_masks(
+    model: nn.Module,
+    sparsity: float | None,
+    structure: str,
+    *,
+    scope: str = "global",
+    criterion: str = "magnitude",
+    include: str = "weights",
+    norm: int = 2,
+    indivisible: str = "error",
+) -> dict[str, Tensor]:
+    """:func:`structured_masks` behind ``prune_``'s options: the unstructured-only ones checked.
+
+    ``criterion`` must be ``"magnitude"`` (row norms for channels, ``|w|`` for N:M) and
+    ``include`` ``"weights"`` (channel masks also cover the bias and BatchNorm entries of a
+    removed unit; N:M masks cover Linear/conv weights); ``norm`` is for channels only.
+    """
+    nm = parse_structure(structure)
+    if criterion != "magnitude":
+        raise ValueError(
+            f"Invalid criterion: {criterion!r} (structure {structure!r} ranks by magnitude only)"
+        )
+    if include != "weights":
+        raise ValueError(
+            f"Invalid include: {include!r} (structure {structure!r} takes include='weights')"
+        )
+    if nm is not None and norm != 2:
+        raise ValueError(f"Invalid norm: {norm!r} (norm is for structure='channel' only)")
+    return structured_masks(
+        model, sparsity, structure, scope=scope, indivisible=indivisible, norm=norm
+    )
+
+
+@torch.no_grad()
+def measured_sparsity(model: nn.Module, masks: dict[str, Tensor], structure: str) -> float:
+    """The sparsity the model has in the weights ``masks`` covers, in ``structure``'s units.
+
+    Channel: the fraction of their output units whose weight row is entirely zero; N:M: the
+    fraction of zero entries (``1 - N/M`` after pruning, more if weights were already zero).
+    """
+    params = dict(model.named_parameters())
+    weights = [params[n] for n, k in masks.items() if n.endswith("weight") and k.dim() >= 2]
+    if parse_structure(structure) is None:
+        zero = [(w.reshape(w.shape[0], -1) == 0).all(dim=1) for w in weights]
+    else:
+        zero = [(w == 0).flatten() for w in weights]
+    total = sum(z.numel() for z in zero)
+    return sum(int(z.sum()) for z in zero) / total if total else 0.0
 
 
 @torch.no_grad()

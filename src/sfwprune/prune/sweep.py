@@ -5,7 +5,9 @@ the first ``round(s·N)`` of that order, which is the mask :func:`prune_` would 
 levels the ranked tensors (and BatchNorm buffers) are restored from one saved copy, so memory is
 one copy of the pruned tensors, not one model per level, and the model ends bit-identical.
 With ``reconstruct=True`` the saved copy covers every parameter and buffer, and one dense copy of
-the model is the reconstruction target of every level.
+the model is the reconstruction target of every level. With a ``structure`` (``"channel"``,
+``"N:M"``) every level's masks come from :func:`~sfwprune.prune.structured.structured_masks` on the
+weights as given, and the saved copy covers every parameter and buffer.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .masks import (
     split_masks,
 )
 from .reconstruct import check_calibration, reconstruct_
+from .structured import apply_masks_, measured_sparsity, structure_masks
 
 Tensor = torch.Tensor
 
@@ -101,6 +104,7 @@ def sparsity_sweep(
     bn_batches: Iterable[Any] | None = None,
     calibration: Iterable[Any] | None = None,
     reconstruct: bool = False,
+    structure: str | None = None,
     progress: bool | None = None,
     **prune_kwargs: Any,
 ) -> list[dict[str, Any]]:
@@ -114,7 +118,9 @@ def sparsity_sweep(
         model: the trained network; bit-identical (parameters, buffers, training flags) on return,
             also when ``evaluate`` raises.
         evaluate: ``model -> {"accuracy": ..., "loss": ..., ...}``; extra keys go into the row.
-        sparsities: target fractions of zeros, each in ``[0, 1]``.
+        sparsities: target fractions of zeros, each in ``[0, 1]``; with ``structure="channel"``
+            fractions of units in ``[0, 1)``; with ``"N:M"`` each must be ``1 - N/M`` (an N:M
+            sweep has one level).
         bn_batches: if given, BatchNorm stats are recomputed on these batches at every level
             (a re-iterable such as a list or DataLoader; an iterator is read once into a list).
         calibration: input batches (labels unused) for ``criterion="wanda"`` and ``reconstruct``;
@@ -122,14 +128,19 @@ def sparsity_sweep(
         reconstruct: re-solve every level's kept weights and biases against the dense model's
             layer outputs on ``calibration`` (:func:`reconstruct_`, which also re-estimates
             BatchNorm statistics on ``calibration``).
+        structure: ``None`` (unstructured), ``"channel"`` or ``"N:M"``, as for :func:`prune_`;
+            every level's masks are computed on the model's weights before anything changes
+            (those :func:`prune_` gives).
         progress: a tqdm bar over the levels (shown after 2 s); ``None``: when ``reconstruct``
             and stderr is a terminal.
-        **prune_kwargs: ``scope``, ``criterion``, ``include``, ``generator`` as for
-            :func:`prune_`.
+        **prune_kwargs: ``scope``, ``criterion``, ``include``, ``generator``, and with a
+            ``structure`` ``norm`` and ``indivisible``, as for :func:`prune_`.
 
     Returns:
         Rows ``{"sparsity", "measured_sparsity", "accuracy", "loss", "seconds", ...}`` in the
-        order given; ``measured_sparsity`` is the fraction of zeros among the ranked entries,
+        order given; ``measured_sparsity`` is the fraction of zeros among the ranked entries
+        (channel: of masked units whose weight row is all zero; N:M: of zeros in the masked
+        weights, :func:`~sfwprune.prune.structured.measured_sparsity`),
         ``seconds`` the wall time of the level's masking, reconstruction and BatchNorm
         recalibration (not of ``evaluate``).
 
@@ -138,21 +149,33 @@ def sparsity_sweep(
         >>> [round(r["accuracy"], 3) for r in rows]
     """
     levels = [check_sparsity(s) for s in sparsities]
-    unknown = set(prune_kwargs) - {"scope", "criterion", "include", "generator"}
+    allowed = {"scope", "criterion", "include", "generator"}
+    if structure is not None:
+        allowed |= {"norm", "indivisible"}
+    unknown = set(prune_kwargs) - allowed
     if unknown:
         raise ValueError(
-            f"Invalid prune_kwargs: {sorted(unknown)!r} "
-            "(expected scope, criterion, include, generator)"
+            f"Invalid prune_kwargs: {sorted(unknown)!r} (expected {', '.join(sorted(allowed))})"
         )
     if not callable(evaluate):
         raise ValueError(f"Invalid evaluate: {evaluate!r} (expected model -> dict)")
+    level_masks: list[dict[str, Tensor]] | None = None
+    if structure is not None:
+        kwargs = dict(prune_kwargs)
+        check_options(
+            kwargs.get("scope", "global"), kwargs.get("criterion", "magnitude"),
+            kwargs.get("include", "weights"), kwargs.pop("generator", None),
+        )  # fmt: skip
+        level_masks = [structure_masks(model, s, structure, **kwargs) for s in levels]
     chunks = check_calibration(model, calibration) if reconstruct else None
     if chunks is not None:
         calibration = chunks
-    ranking = Ranking(model, calibration=calibration, **prune_kwargs)
+    ranking = (
+        None if structure is not None else Ranking(model, calibration=calibration, **prune_kwargs)
+    )
     bn_batches = _replayable(bn_batches)
-    if reconstruct:
-        dense = copy.deepcopy(model)
+    dense = copy.deepcopy(model) if reconstruct else None
+    if reconstruct or ranking is None:
         saved = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
     else:
         saved = [(p, p.detach().clone()) for p in ranking.params]
@@ -169,17 +192,26 @@ def sparsity_sweep(
             from tqdm.auto import tqdm
 
             bar = tqdm(levels, desc="sparsity sweep", unit="level", delay=2.0, leave=False)
-        for sparsity in bar:
+        for index, sparsity in enumerate(bar):
             start = time.perf_counter()
             _restore(saved)
-            masks = ranking.masks(sparsity)
-            with torch.no_grad():
-                for p, keep in zip(ranking.params, masks.values(), strict=True):
-                    p.masked_fill_(~keep, 0)
-            if reconstruct:
+            if ranking is None:
+                assert level_masks is not None and structure is not None
+                masks = level_masks[index]
+                apply_masks_(model, masks)
+            else:
+                masks = ranking.masks(sparsity)
+                with torch.no_grad():
+                    for p, keep in zip(ranking.params, masks.values(), strict=True):
+                        p.masked_fill_(~keep, 0)
+            if chunks is not None:
                 reconstruct_(model, masks, chunks, dense=dense)
-            with torch.no_grad():
-                zeros = sum(int((p == 0).sum()) for p in ranking.params)
+            if ranking is None:
+                measured = measured_sparsity(model, masks, structure)
+            else:
+                with torch.no_grad():
+                    zeros = sum(int((p == 0).sum()) for p in ranking.params)
+                measured = zeros / ranking.numel
             if bn_batches is not None:
                 recalibrate_bn(model, bn_batches)
             seconds = time.perf_counter() - start
@@ -191,7 +223,7 @@ def sparsity_sweep(
                 )
             row = {
                 "sparsity": sparsity,
-                "measured_sparsity": zeros / ranking.numel,
+                "measured_sparsity": measured,
                 "accuracy": float(metrics["accuracy"]),
                 "loss": float(metrics["loss"]),
                 "seconds": seconds,
