@@ -89,8 +89,10 @@ def tensor_specs(model: nn.Module, optimizer: SFW, min_scale: float) -> list[Ten
 
 
 def objective_lr(specs: list[TensorSpec]) -> float:
-    """The SFW lr the objective is divided by: the largest group lr (they are usually equal)."""
-    lr = max((s.lr for s in specs), default=0.0)
+    """The SFW lr the objective is divided by: the largest lr of the constrained tensors (they
+    are usually equal; unconstrained groups carry their own lr, see ``unconstrained_lr``)."""
+    constrained = [s for s in specs if getattr(s.cset, "kind", None) != "unconstrained"]
+    lr = max((s.lr for s in constrained or specs), default=0.0)
     if not lr > 0:
         raise ValueError(
             f"Invalid optimizer lr: {lr!r} (expected an SFW lr > 0; a step of size 0 leaves "
