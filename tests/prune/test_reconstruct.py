@@ -11,7 +11,14 @@ from torch import nn
 
 from sfwprune.models.registry import build_model
 from sfwprune.prune import prune_, reconstruct_
-from sfwprune.prune.calibration import as_rows, out_rows, weight_matrix
+from sfwprune.prune.calibration import (
+    as_rows,
+    out_rows,
+    rows_per_sample,
+    sample_out_rows,
+    sample_rows,
+    weight_matrix,
+)
 from sfwprune.prune.solvers import choose, quadratic_error, ridge_of, solve_exact, solve_obs
 
 
@@ -242,3 +249,154 @@ def test_bad_arguments_raise():
         reconstruct_(net, {"classifier.0.weight": torch.ones(2, 2, dtype=torch.bool)}, [x])
     with pytest.raises(ValueError, match="Invalid dense"):
         reconstruct_(net, masks, [x], dense=nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(stride=1, padding=1),
+        dict(stride=2, padding=0, dilation=2),
+        dict(stride=(2, 1), padding=(1, 2), groups=2),
+        dict(stride=1, padding="same", padding_mode="reflect"),
+        dict(padding="valid"),
+    ],
+)
+def test_sampled_rows_equal_the_unfolded_rows_they_index(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, **kwargs)
+    x = torch.randn(3, 4, 7, 8)
+    full = as_rows(conv, x)
+    assert full.shape[1] == 3 * rows_per_sample(conv, x)
+    index = torch.randperm(full.shape[1])[:11]
+    assert torch.equal(sample_rows(conv, x, index), full[:, index])
+    y = conv(x)
+    assert torch.equal(sample_out_rows(conv, y, index), out_rows(conv, y)[:, index])
+    lin = nn.Linear(5, 3)
+    x = torch.randn(4, 2, 5)
+    index = torch.tensor([7, 0, 3])
+    assert rows_per_sample(lin, x) == 2
+    assert torch.equal(sample_rows(lin, x, index), as_rows(lin, x)[:, index])
+    assert torch.equal(sample_out_rows(lin, lin(x), index), out_rows(lin, lin(x))[:, index])
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        return self.fc(F.relu(self.conv2(x)).flatten(1))
+
+
+def conv_setup(n: int = 24):
+    torch.manual_seed(0)
+    net = SmallConvNet()
+    x = torch.randn(n, 3, 8, 8) + 0.5  # a non-zero mean makes XᵀX less well conditioned
+    masks = prune_(copy.deepcopy(net), 0.8)
+    return net, x, masks
+
+
+def test_float32_block_statistics_agree_with_the_float64_reference(monkeypatch):
+    net, x, masks = conv_setup()
+    ref, f32 = copy.deepcopy(net), copy.deepcopy(net)
+    info_ref = reconstruct_(ref, masks, [x], dense=net, exact_statistics=True, max_rows=None)
+    monkeypatch.setattr("sfwprune.prune.reconstruct.BLOCK_ROWS", 50)  # many blocks per chunk
+    info = reconstruct_(f32, masks, [x], dense=net, max_rows=None, chunk=7)
+    for name, layer in info_ref.items():
+        for key in ("error_before", "error_after"):
+            assert info[name][key] == pytest.approx(layer[key], rel=1e-5, abs=1e-7)
+    for (name, a), b in zip(ref.state_dict().items(), f32.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_row_cap_uses_the_sampled_rows_exactly_and_is_seeded():
+    from sfwprune.prune.reconstruct import _row_plan, _statistics
+
+    net, x, masks = conv_setup()
+    chunks = list(torch.split(x, 10))
+    order = ["conv1", "conv2", "fc"]
+    plan, per = _row_plan(net, order, chunks, 100, seed=3)
+    assert per == {"conv1": 64, "conv2": 16, "fc": 1}
+    assert plan["fc"] == [None] * 3  # 24 rows <= 100: all of them
+    for name in ("conv1", "conv2"):
+        assert sum(len(i) for i in plan[name]) == 100
+    again, _ = _row_plan(net, order, chunks, 100, seed=3)
+    other, _ = _row_plan(net, order, chunks, 100, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(plan["conv1"], again["conv1"], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(plan["conv1"], other["conv1"], strict=True))
+    # H and B from the sampled rows equal the brute-force products over the same rows
+    conv = net.conv2
+    H, B, yy = _statistics(net, net, "conv2", chunks, plan["conv2"], None, exact=True)
+    x1 = F.relu(net.conv1(x))
+    X, Y = as_rows(conv, x1), out_rows(conv, conv(x1))
+    starts = [0, 10 * 16, 20 * 16]
+    take = torch.cat([i + s for i, s in zip(plan["conv2"], starts, strict=True)])
+    X = torch.cat([X[:, take], torch.ones(2, 100, 1)], 2).double()
+    Y = Y[:, take].double()
+    torch.testing.assert_close(H, X.transpose(1, 2) @ X)
+    torch.testing.assert_close(B, X.transpose(1, 2) @ Y)
+    torch.testing.assert_close(yy, Y.pow(2).sum(1))
+
+
+def test_row_cap_above_the_row_count_changes_nothing_and_a_small_cap_still_helps():
+    net, x, masks = conv_setup()
+    a, b, c = copy.deepcopy(net), copy.deepcopy(net), copy.deepcopy(net)
+    reconstruct_(a, masks, [x], dense=net, max_rows=None)
+    reconstruct_(b, masks, [x], dense=net, max_rows=24 * 64)
+    assert same(a, snapshot(b))
+    info = reconstruct_(c, masks, [x], dense=net, max_rows=200)
+    assert all(v["error_after"] < v["error_before"] for v in info.values())
+    assert not torch.equal(c.conv2.weight, a.conv2.weight)  # 200 of 384 rows: other weights
+    with torch.no_grad():
+        plain = copy.deepcopy(net)
+        prune_(plain, 0.8)
+        err_plain = (plain(x) - net(x)).pow(2).mean()
+        err_cap = (c(x) - net(x)).pow(2).mean()
+    assert err_cap < 0.75 * err_plain
+
+
+def test_cache_reuses_dense_targets_and_is_replaced_when_dense_changes(monkeypatch):
+    import sfwprune.prune.reconstruct as rec
+
+    net, x, masks = conv_setup()
+    calls = []
+    real = rec._dense_targets
+    monkeypatch.setattr(rec, "_dense_targets", lambda *a: calls.append(1) or real(*a))
+    cache: dict = {}
+    a, b, c = copy.deepcopy(net), copy.deepcopy(net), copy.deepcopy(net)
+    reconstruct_(a, masks, [x], dense=net, max_rows=300, cache=cache)
+    reconstruct_(b, masks, [x], dense=net, max_rows=300, cache=cache)
+    reconstruct_(c, masks, [x], dense=net, max_rows=300)
+    assert len(calls) == 2 and same(a, snapshot(b)) and same(a, snapshot(c))
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other.fc.bias.add_(1.0)
+    d, e = copy.deepcopy(net), copy.deepcopy(net)
+    reconstruct_(d, masks, [x], dense=other, max_rows=300, cache=cache)
+    reconstruct_(e, masks, [x], dense=other, max_rows=300)
+    assert len(calls) == 4 and same(d, snapshot(e))
+
+
+def test_dense_targets_over_the_memory_budget_fall_back_to_per_layer_forwards(monkeypatch):
+    net, x, masks = conv_setup()
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    reconstruct_(a, masks, [x], dense=net)
+    monkeypatch.setattr("sfwprune.prune.reconstruct.TARGET_CACHE_BYTES", 0)
+    reconstruct_(b, masks, [x], dense=net)
+    assert same(a, snapshot(b))
+
+
+def test_bad_statistics_arguments_raise():
+    net, x = trained_lenet300()
+    masks = prune_(copy.deepcopy(net), 0.5)
+    for kwargs, match in [
+        (dict(max_rows=0), "Invalid max_rows"),
+        (dict(max_rows=2.5), "Invalid max_rows"),
+        (dict(seed="a"), "Invalid seed"),
+        (dict(cache=[]), "Invalid cache"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            reconstruct_(net, masks, [x], **kwargs)

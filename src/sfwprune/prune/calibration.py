@@ -82,6 +82,38 @@ def groups_of(module: nn.Module) -> int:
     return module.groups if isinstance(module, nn.Conv2d) else 1
 
 
+def _padded(module: nn.Conv2d, x: Tensor) -> tuple[Tensor, Any]:
+    """``x`` with any non-zero or string padding applied, and the zero padding left to unfold."""
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        return x, 0
+    padding = module.padding
+    if isinstance(padding, str):  # "same" / "valid": pad as Conv2d does
+        if padding != "valid":
+            x = F.pad(x, module._reversed_padding_repeated_twice)
+        return x, 0
+    return x, padding
+
+
+def rows_per_sample(module: nn.Module, x: Tensor) -> int:
+    """How many rows one sample of ``x`` gives (Linear: its middle dims; conv: output positions)."""
+    if isinstance(module, nn.Linear):
+        return x[:1].numel() // x.shape[-1]
+    return len(_positions(module, x)[0]) * len(_positions(module, x)[1])
+
+
+def _positions(module: nn.Conv2d, x: Tensor) -> tuple[range, range]:
+    """Top-left input offsets of the output positions along height and width (padded input)."""
+    xp, padding = _padded(module, x[:1])
+    pad = (padding, padding) if isinstance(padding, int) else padding
+    out = []
+    for dim in range(2):
+        size = xp.shape[2 + dim] + 2 * pad[dim]
+        span = module.dilation[dim] * (module.kernel_size[dim] - 1) + 1
+        out.append(range(0, size - span + 1, module.stride[dim]))
+    return out[0], out[1]
+
+
 def as_rows(module: nn.Module, x: Tensor) -> Tensor:
     """A layer's input as rows of features: ``(groups, rows, fan_in_per_group)``.
 
@@ -90,22 +122,41 @@ def as_rows(module: nn.Module, x: Tensor) -> Tensor:
     """
     if isinstance(module, nn.Linear):
         return x.reshape(1, -1, x.shape[-1])
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        padding: Any = 0
-    else:
-        padding = module.padding
-    if isinstance(padding, str):  # "same" / "valid": pad as Conv2d does
-        if padding == "valid":
-            padding = 0
-        else:
-            pads = module._reversed_padding_repeated_twice
-            x = F.pad(x, pads)
-            padding = 0
+    x, padding = _padded(module, x)
     cols = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
     g = module.groups
     n, f, length = cols.shape  # f = C·kh·kw, channel-major: group blocks are contiguous
     return cols.view(n, g, f // g, length).permute(1, 0, 3, 2).reshape(g, n * length, f // g)
+
+
+def sample_rows(module: nn.Module, x: Tensor, index: Tensor) -> Tensor:
+    """``as_rows(module, x)[:, index]`` without unfolding the rows that are not taken.
+
+    ``index``: flat row indices (``sample · rows_per_sample + position``), int64. A conv gathers
+    each taken patch from the padded input directly: cost ``O(len(index) · fan_in)``.
+    """
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])[index].unsqueeze(0)
+    hs, ws = _positions(module, x)
+    xp, padding = _padded(module, x)
+    pad = (padding, padding) if isinstance(padding, int) else padding
+    if any(pad):
+        xp = F.pad(xp, (pad[1], pad[1], pad[0], pad[0]))
+    per = len(hs) * len(ws)
+    s, pos = index // per, index % per
+    top = hs.start + (pos // len(ws)) * hs.step
+    left = ws.start + (pos % len(ws)) * ws.step
+    kh = torch.arange(module.kernel_size[0], device=x.device) * module.dilation[0]
+    kw = torch.arange(module.kernel_size[1], device=x.device) * module.dilation[1]
+    c = torch.arange(x.shape[1], device=x.device)
+    patches = xp[
+        s.view(-1, 1, 1, 1),
+        c.view(1, -1, 1, 1),
+        (top.view(-1, 1) + kh).view(-1, 1, len(kh), 1),
+        (left.view(-1, 1) + kw).view(-1, 1, 1, len(kw)),
+    ]  # (k, C, kh, kw): the weight's (c, kh, kw) order
+    g = module.groups
+    return patches.reshape(len(index), g, -1).transpose(0, 1)
 
 
 def out_rows(module: nn.Module, y: Tensor) -> Tensor:
@@ -115,6 +166,16 @@ def out_rows(module: nn.Module, y: Tensor) -> Tensor:
     g = module.groups
     n, o = y.shape[:2]
     return y.reshape(n, g, o // g, -1).permute(1, 0, 3, 2).reshape(g, -1, o // g)
+
+
+def sample_out_rows(module: nn.Module, y: Tensor, index: Tensor) -> Tensor:
+    """``out_rows(module, y)[:, index]`` without reordering the rest of ``y``."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1])[index].unsqueeze(0)
+    n, o = y.shape[:2]
+    per = y[0, 0].numel()
+    taken = y.reshape(n, o, per)[index // per, :, index % per]  # (k, o)
+    return taken.reshape(len(index), module.groups, -1).transpose(0, 1)
 
 
 def weight_matrix(module: nn.Module) -> Tensor:

@@ -31,14 +31,23 @@ from .calibration import (
     groups_of,
     model_device,
     out_rows,
+    rows_per_sample,
+    sample_out_rows,
+    sample_rows,
     weight_matrix,
 )
 from .solvers import SOLVERS, quadratic_error, solve
 
 Tensor = torch.Tensor
 
-# float64 elements of one block of unfolded rows (32 MiB): bounds the memory of H's accumulation
-ROW_BLOCK_ELEMENTS = 2**22
+# rows of one float32 block product added into the float64 H/B sums (see _Accumulator)
+BLOCK_ROWS = 2048
+# elements of one block of rows (32 MiB in float32): bounds the memory of H's accumulation
+BLOCK_ELEMENTS = 2**23
+# default cap on the rows (samples × output positions) of one layer used for H/B; see reconstruct_
+MAX_ROWS = 2**15
+# bytes of dense-layer targets kept for one level (else the dense net runs once per layer)
+TARGET_CACHE_BYTES = 2**30
 
 
 def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -101,46 +110,193 @@ def _layer_keep(name: str, module: nn.Module, masks: Mapping[str, Tensor]) -> Te
     return torch.cat([keep, kb.reshape(w.shape[0], w.shape[1], 1)], dim=2)
 
 
+class _Accumulator:
+    """Float64 sums of ``XᵀX``, ``XᵀY``, the column sums of ``X`` and ``Y``, ``Σ Y²`` and the rows.
+
+    Each block's products are computed in the block's dtype (at least float32; float64 with
+    ``exact``) and added into float64 sums: a block has at most ``BLOCK_ROWS`` rows, so the
+    float32 rounding of one product is ~1e-6 relative and does not compound across blocks.
+    """
+
+    def __init__(self, exact: bool) -> None:
+        self.exact = exact
+        self.sums: list[Tensor] | None = None
+
+    def add(self, X: Tensor, Y: Tensor) -> None:
+        dtype = torch.float64 if self.exact else torch.promote_types(X.dtype, torch.float32)
+        X, Y = X.to(dtype), Y.to(dtype)
+        Xt = X.transpose(1, 2)
+        parts = [
+            Xt @ X,
+            Xt @ Y,
+            X.sum(1, dtype=torch.float64),
+            Y.sum(1, dtype=torch.float64),
+            Y.to(torch.float64).pow(2).sum(1),
+        ]
+        if self.sums is None:
+            self.sums = [t.to(torch.float64) for t in parts] + [X.shape[1]]
+        else:
+            for total, t in zip(self.sums, parts, strict=False):
+                total += t
+            self.sums[5] += X.shape[1]
+
+    def result(self, bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """``H (g, d, d)``, ``B (g, d, out_g)``, ``yy (g, out_g)``; ``d`` has a bias row if asked."""
+        assert self.sums is not None
+        H, B, sx, sy, yy, rows = self.sums
+        if bias:
+            g, f = sx.shape
+            n = H.new_full((g, 1, 1), float(rows))
+            H = torch.cat(
+                [torch.cat([H, sx.unsqueeze(2)], 2), torch.cat([sx.unsqueeze(1), n], 2)], 1
+            )
+            B = torch.cat([B, sy.unsqueeze(1)], 1)
+        return H, B, yy
+
+
+def _row_plan(
+    dense: nn.Module, order: list[str], chunks: list[Tensor], max_rows: int | None, seed: int
+) -> tuple[dict[str, list[Tensor | None]], dict[str, int]]:
+    """Per layer and chunk: the flat row indices used for ``H``/``B`` (``None``: every row), and
+    per layer the rows of one sample.
+
+    A layer with more than ``max_rows`` rows (samples × output positions) over the calibration set
+    uses ``max_rows`` of them, drawn uniformly without replacement (``torch.randperm`` seeded with
+    ``seed`` + the layer's position in forward order): same rows in every call with that seed.
+    """
+    per: dict[str, int] = {}
+    modules = {dense.get_submodule(n): n for n in order}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        per[modules[module]] = rows_per_sample(module, args[0])
+
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            dense(chunks[0][:1])
+    finally:
+        for h in handles:
+            h.remove()
+    sizes = [len(x) for x in chunks]
+    plan: dict[str, list[Tensor | None]] = {}
+    for i, name in enumerate(order):
+        total = sum(sizes) * per[name]
+        if max_rows is None or total <= max_rows:
+            plan[name] = [None] * len(chunks)
+            continue
+        gen = torch.Generator().manual_seed(seed + i)
+        taken = torch.randperm(total, generator=gen)[:max_rows].sort().values
+        starts = torch.tensor([0, *sizes]).cumsum(0) * per[name]
+        cut = torch.searchsorted(taken, starts).tolist()
+        device = chunks[0].device
+        plan[name] = [
+            (taken[cut[c] : cut[c + 1]] - starts[c]).to(device) for c in range(len(chunks))
+        ]
+    return plan, per
+
+
+def _targets_of(module: nn.Module, y: Tensor, index: Tensor | None) -> Tensor:
+    return out_rows(module, y).clone() if index is None else sample_out_rows(module, y, index)
+
+
+def _dense_targets(
+    dense: nn.Module,
+    order: list[str],
+    chunks: list[Tensor],
+    plan: dict[str, list[Tensor | None]],
+    per: dict[str, int],
+) -> dict[str, list[Tensor]] | None:
+    """Every layer's dense output rows per chunk from one dense forward per chunk.
+
+    ``None`` if they would take more than ``TARGET_CACHE_BYTES`` (then each layer runs the dense
+    network up to itself per chunk instead).
+    """
+    size = 0
+    for name in order:
+        m = dense.get_submodule(name)
+        for x, index in zip(chunks, plan[name], strict=True):
+            rows = len(x) * per[name] if index is None else len(index)
+            size += rows * m.weight.shape[0] * m.weight.element_size()
+    if size > TARGET_CACHE_BYTES:
+        return None
+    modules = {dense.get_submodule(n): n for n in order}
+    targets: dict[str, list[Tensor]] = {n: [] for n in order}
+    current: list[int] = [0]
+
+    def hook(module: nn.Module, args: Any, out: Tensor) -> None:
+        name = modules[module]
+        targets[name].append(_targets_of(module, out.detach(), plan[name][current[0]]))
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            for c, x in enumerate(chunks):
+                current[0] = c
+                dense(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return targets
+
+
+def _fingerprint(dense: nn.Module, chunks: list[Tensor]) -> tuple:
+    """Shapes and float64 sums of the dense network's state and of the inputs (cache key)."""
+    state = [(k, tuple(v.shape), float(v.double().sum())) for k, v in dense.state_dict().items()]
+    return tuple(state), tuple((tuple(x.shape), float(x.double().sum())) for x in chunks)
+
+
 def _statistics(
-    model: nn.Module, dense: nn.Module, name: str, chunks: list[Tensor]
+    model: nn.Module,
+    dense: nn.Module,
+    name: str,
+    chunks: list[Tensor],
+    plan: list[Tensor | None],
+    targets: list[Tensor] | None,
+    exact: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``H (g, d, d)``, ``B (g, d, out_g)``, ``yy (g, out_g)`` for layer ``name``, in float64."""
+    """``H (g, d, d)``, ``B (g, d, out_g)``, ``yy (g, out_g)`` for layer ``name``, in float64.
+
+    Rows come from the pruned network's input of the layer and, as targets, the dense layer's
+    output (``targets`` per chunk if precomputed); only the rows in ``plan`` when it has indices.
+    """
     mp, md = model.get_submodule(name), dense.get_submodule(name)
-    bias = mp.bias is not None
-    H = B = yy = None
-    for x in chunks:
-        _, y = capture(dense, md, x, output=True)
+    acc = _Accumulator(exact)
+    for c, x in enumerate(chunks):
+        index = plan[c]
+        if index is not None and len(index) == 0:
+            continue
         xp, _ = capture(model, mp, x, output=False)
-        per_sample = max(1, as_rows(mp, xp[:1]).shape[1] * (as_rows(mp, xp[:1]).shape[2] + 1))
-        step = max(1, ROW_BLOCK_ELEMENTS // per_sample)
-        for xs, ys in zip(torch.split(xp, step), torch.split(y, step), strict=True):
-            X = as_rows(mp, xs).to(torch.float64)  # (g, rows, f)
-            if bias:
-                X = torch.cat([X, X.new_ones(X.shape[0], X.shape[1], 1)], dim=2)
-            Y = out_rows(mp, ys).to(torch.float64)  # (g, rows, out_g)
-            Xt = X.transpose(1, 2)
-            if H is None:
-                H, B, yy = Xt @ X, Xt @ Y, Y.pow(2).sum(1)
-            else:
-                H.baddbmm_(Xt, X)
-                B.baddbmm_(Xt, Y)
-                yy += Y.pow(2).sum(1)
-    assert H is not None and B is not None and yy is not None
-    return H, B, yy
+        if targets is not None:
+            Y = targets[c]
+        else:
+            _, y = capture(dense, md, x, output=True)
+            Y = _targets_of(mp, y, index)
+        f = weight_matrix(mp).shape[2]
+        block = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // f))
+        if index is None:
+            per = rows_per_sample(mp, xp)
+            step = max(1, block // per)
+            for a in range(0, len(xp), step):
+                X = as_rows(mp, xp[a : a + step])
+                acc.add(X, Y[:, a * per : a * per + X.shape[1]])
+        else:
+            for a in range(0, len(index), block):
+                X = sample_rows(mp, xp, index[a : a + block])
+                acc.add(X, Y[:, a : a + X.shape[1]])
+    return acc.result(mp.bias is not None)
 
 
 @torch.no_grad()
 def _reconstruct_layer(
     model: nn.Module,
-    dense: nn.Module,
     name: str,
     masks: Mapping[str, Tensor],
-    chunks: list[Tensor],
+    stats: tuple[Tensor, Tensor, Tensor],
     ridge: float,
     solver: str,
 ) -> dict[str, Any]:
     module = model.get_submodule(name)
-    H, B, yy = _statistics(model, dense, name, chunks)
+    H, B, yy = stats
     keep = _layer_keep(name, module, masks)
     w = weight_matrix(module)  # (g, out_g, f), a view of the parameter
     before = after = 0.0
@@ -176,6 +332,10 @@ def reconstruct_(
     solver: str = "auto",
     chunk: int = 256,
     recalibrate: bool = True,
+    max_rows: int | None = MAX_ROWS,
+    seed: int = 0,
+    exact_statistics: bool = False,
+    cache: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Apply ``masks`` and re-solve every Linear/Conv2d layer's kept weights and bias in place.
 
@@ -195,11 +355,24 @@ def reconstruct_(
             cheaper in flops per layer; exact below ``solvers.EXACT_LIMIT`` flops).
         chunk: samples per forward pass.
         recalibrate: re-estimate BatchNorm statistics on the calibration inputs at the end.
+        max_rows: per layer, at most this many rows (sample × output position: a conv has one per
+            output pixel) enter ``H``/``B``, drawn uniformly without replacement with ``seed``;
+            ``None``: all rows. Only convs with large maps reach the default (2**15): e.g. 2048
+            32x32 images give ResNet-18's first stage 2M rows; its last stage (16 positions)
+            keeps all 32768. The cost of ``H`` is ``rows · fan_in²`` per layer.
+        seed: the seed of the row sampling (layer ``i`` in forward order uses ``seed + i``).
+        exact_statistics: form every product of ``H``/``B`` in float64 (reference; slower). By
+            default blocks of at most ``BLOCK_ROWS`` rows are multiplied in float32 (or the
+            model's wider dtype) and summed in float64.
+        cache: a dict kept across calls with the same ``dense`` network, calibration inputs,
+            ``max_rows`` and ``seed`` (e.g. the levels of a sweep): the dense layers' target rows
+            are computed once and reused. A fingerprint (shapes and sums of the dense parameters
+            and of the inputs) is checked, and the entry replaced when it differs.
 
     Returns:
         ``{layer name: {"solver", "error_before", "error_after"}}`` in forward order: the layer's
-        output error ``||Y_dense − X w||² / ||Y_dense||²`` on the calibration set with the masked
-        weights and with the re-solved ones.
+        output error ``||Y_dense − X w||² / ||Y_dense||²`` on the calibration set (its rows used
+        for ``H``) with the masked weights and with the re-solved ones.
 
     Raises:
         ValueError: bad arguments, or empty / NaN / wrongly shaped calibration inputs; the model is
@@ -213,6 +386,14 @@ def reconstruct_(
         raise ValueError(f"Invalid ridge: {ridge!r} (expected a number > 0)")
     if solver not in SOLVERS:
         raise ValueError(f"Invalid solver: {solver!r} (expected one of {', '.join(SOLVERS)})")
+    if max_rows is not None and (
+        isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
+    ):
+        raise ValueError(f"Invalid max_rows: {max_rows!r} (expected a positive int or None)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"Invalid seed: {seed!r} (expected an int)")
+    if cache is not None and not isinstance(cache, dict):
+        raise ValueError(f"Invalid cache: {type(cache).__name__} (expected a dict or None)")
     masks = check_masks(model, masks)
     if dense is not None:
         _check_dense(model, dense)
@@ -225,7 +406,7 @@ def reconstruct_(
             dense = copy.deepcopy(model)
         dense_flags = [(m, m.training) for m in dense.modules()]
         dense.eval()
-        order = forward_order(dense, chunks[0])
+        order = [name for name, _ in forward_order(dense, chunks[0])]
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
         ok = False
         try:
@@ -233,11 +414,22 @@ def reconstruct_(
                 params = dict(model.named_parameters())
                 for name, keep in masks.items():
                     params[name].masked_fill_(~keep, 0)
+            plan, per = _row_plan(dense, order, chunks, max_rows, seed)
+            key = (max_rows, seed, _fingerprint(dense, chunks))
+            if cache is not None and cache.get("key") == key:
+                targets = cache["targets"]
+            else:
+                targets = _dense_targets(dense, order, chunks, plan, per)
+                if cache is not None:
+                    cache.clear()
+                    cache.update(key=key, targets=targets)
             info = {}
-            for name, _ in order:
-                info[name] = _reconstruct_layer(
-                    model, dense, name, masks, chunks, float(ridge), solver
+            for name in order:
+                layer_targets = None if targets is None else targets[name]
+                stats = _statistics(
+                    model, dense, name, chunks, plan[name], layer_targets, exact_statistics
                 )
+                info[name] = _reconstruct_layer(model, name, masks, stats, float(ridge), solver)
             if recalibrate and batchnorm_modules(model):
                 recalibrate_bn(model, chunks)
             ok = True
