@@ -23,6 +23,13 @@ _RECONSTRUCT = (
     "after masking, re-solve each layer's kept weights to match the dense layer outputs on "
     "calibration images (no labels, no gradient training; docs/algorithm.md §6)"
 )
+_STRUCTURE = (
+    "channel (remove whole output units; prune writes the physically smaller model) or N:M, "
+    "e.g. 2:4 (N largest |w| of every M consecutive row entries; prune writes 2:4 matrices for "
+    "torch.sparse.to_sparse_semi_structured); default: unstructured"
+)
+_NORM = "channel: rank units by their L1 (1, Li et al. 2017) or L2 (2) norm; default 2"
+_INDIVISIBLE = "N:M: error (default) or skip (rows whose length M does not divide stay dense)"
 _CALIBRATION = (
     "training images for --reconstruct and --criterion wanda (a fixed seeded draw); default 2048"
 )
@@ -94,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
+    p.add_argument("--structure", help=_STRUCTURE + " (channel levels default to 0,0.25,0.5,0.75)")
+    p.add_argument("--norm", type=int, default=2, help=_NORM)
+    p.add_argument("--indivisible", default="error", help=_INDIVISIBLE)
 
     p = sub.add_parser("prune", help="prune a run once and export it compactly")
     p.add_argument("run_dir", type=_path)
-    p.add_argument("--sparsity", type=_arg(parse_sparsity), required=True)
+    p.add_argument(
+        "--sparsity", type=_arg(parse_sparsity), help="required, except for --structure N:M"
+    )
     p.add_argument("--out", type=_path, required=True, help="output file (.pt)")
     p.add_argument("--scope", default="global", help=" | ".join(SCOPES))
     p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
@@ -107,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
     p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
+    p.add_argument("--structure", help=_STRUCTURE)
+    p.add_argument("--norm", type=int, default=2, help=_NORM)
+    p.add_argument("--indivisible", default="error", help=_INDIVISIBLE)
 
     p = sub.add_parser("plot", help="accuracy vs sparsity (or --weights histogram) of runs")
     p.add_argument("run_dirs", type=_path, nargs="+")
@@ -118,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", choices=["fashion-mnist"])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--out", type=_path, default=Path("runs/reproduce"))
+    p.add_argument(
+        "--out",
+        type=_path,
+        help="grid folder (runs/reproduce; --structured: runs/reproduce-structured)",
+    )
     p.add_argument("--models", default="lenet300,lenet5", help="comma-separated model names")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one torch thread each)")
     p.add_argument("--device", default="auto")
@@ -136,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report-only", action="store_true", help="only regenerate RESULTS.md")
     p.add_argument("--no-report", action="store_true", help="run the grid, skip RESULTS.md")
-    p.add_argument("--results", type=_path, default=Path("RESULTS.md"))
+    p.add_argument(
+        "--structured",
+        action="store_true",
+        help="the structured grid instead (issue 14: SGD, SFW-channel, SFW-2:4; channel and 2:4 "
+        "sweeps, CPU latency); its report goes to RESULTS-structured.md",
+    )
+    p.add_argument(
+        "--results", type=_path, help="RESULTS.md (with --structured: RESULTS-structured.md)"
+    )
     p.add_argument("--docs", type=_path, default=Path("docs"))
 
     p = sub.add_parser("demo", help="the main job: SFW vs SGD on Fashion-MNIST, swept and plotted")
@@ -186,13 +213,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from .experiments.config import DEFAULT_SPARSITIES
+    from .experiments.structured import CHANNEL_SPARSITIES
     from .experiments.sweep import SweepConfig, format_rows, sweep_run
+    from .prune.structured import parse_structure
 
+    levels = DEFAULT_SPARSITIES
+    structured = {}
+    if args.structure is not None:
+        nm = parse_structure(args.structure)
+        levels = CHANNEL_SPARSITIES if nm is None else (1 - nm[0] / nm[1],)
+        structured = {"structure": args.structure, "norm": args.norm,
+                      "indivisible": args.indivisible}  # fmt: skip
+    elif args.norm != 2 or args.indivisible != "error":
+        raise ValueError(
+            f"Invalid --norm/--indivisible: {args.norm}/{args.indivisible} (for --structure only)"
+        )
     sweep = SweepConfig(
-        sparsities=tuple(args.sparsities or DEFAULT_SPARSITIES), scope=args.scope,
+        sparsities=tuple(args.sparsities or levels), scope=args.scope,
         include=args.include, criterion=args.criterion, bn_recalibrate=args.bn_recalibrate,
         seed=args.seed, reconstruct=args.reconstruct, calibration_size=args.calibration_size,
-    )  # fmt: skip
+        **structured,
+    ).validate()  # fmt: skip
     result = sweep_run(args.run_dir, sweep, tag=args.tag, allow_partial=args.allow_partial)
     if not result["run"]["finished"]:
         print(
@@ -204,14 +245,37 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .experiments.prune import prune_run
+    from .prune.structured import parse_structure
 
+    sparsity = args.sparsity
+    if sparsity is None:
+        nm = parse_structure(args.structure) if args.structure is not None else None
+        if nm is None:
+            raise CLIError("sfwprune prune: the following arguments are required: --sparsity")
+        sparsity = 1 - nm[0] / nm[1]
     result = prune_run(
-        args.run_dir, args.sparsity, args.out, scope=args.scope, include=args.include,
+        args.run_dir, sparsity, args.out, scope=args.scope, include=args.include,
         criterion=args.criterion, dtype=args.dtype, bn_recalibrate=args.bn_recalibrate,
         reconstruct=args.reconstruct, calibration_size=args.calibration_size,
-        allow_partial=args.allow_partial,
+        allow_partial=args.allow_partial, structure=args.structure, norm=args.norm,
+        indivisible=args.indivisible,
     )  # fmt: skip
     print(result.report)
+    if result.structure is not None:
+        lat, (dense, small) = result.latency, result.params
+        what = "fraction of units removed" if result.structure == "channel" else "sparsity"
+        print(
+            f"test accuracy of {args.structure} pruning at {100 * result.sparsity:g}% ({what}), "
+            f"rebuilt from the file: {result.accuracy:.2f}% ({result.dtype} weights of epoch "
+            f"{result.epoch}) -> wrote {result.out}"
+        )
+        print(
+            f"parameters {dense:,} -> {small:,}; CPU latency at batch 1 ({lat['threads']} "
+            f"thread(s), median): dense {lat['dense_ms']:.3f} ms, pruned {lat['small_ms']:.3f} ms "
+            f"({lat['speedup']:.2f}x)"
+        )
+        print("load it with sfwprune.experiments.prune.load_small(path)")
+        return 0
     print(
         f"test accuracy at {100 * result.sparsity:g}% sparsity: {result.accuracy:.2f}% "
         f"({result.dtype} weights of epoch {result.epoch}) -> wrote {result.out}"
@@ -239,6 +303,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .experiments.report import write_report
     from .experiments.reproduce import ReproduceConfig, run_reproduce
 
+    if args.structured:
+        return _reproduce_structured(args)
+    args.out = args.out or Path("runs/reproduce")
     if not args.report_only:
         rc = ReproduceConfig(
             dataset=args.dataset, models=tuple(m for m in args.models.split(",") if m),
@@ -251,7 +318,34 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         )  # fmt: skip
         run_reproduce(rc, args.out, log=(lambda s: None) if args.quiet else print)
     if not args.no_report:
-        path = write_report(args.out, args.results, args.docs)
+        path = write_report(args.out, args.results or Path("RESULTS.md"), args.docs)
+        print(f"wrote {path}")
+    return 0
+
+
+def _reproduce_structured(args: argparse.Namespace) -> int:
+    from .experiments.structured import (
+        REPORT_FILE,
+        StructuredConfig,
+        run_structured,
+        write_structured_report,
+    )
+
+    unused = [flag for flag, on in (("--no-explore", args.no_explore), ("--variants",
+              args.variants), ("--best-from", args.best_from)) if on]  # fmt: skip
+    if unused:
+        raise ValueError(f"Invalid flags: {', '.join(unused)} (not used by --structured)")
+    args.out = args.out or Path("runs/reproduce-structured")
+    if not args.report_only:
+        sc = StructuredConfig(
+            dataset=args.dataset, models=tuple(m for m in args.models.split(",") if m),
+            seeds=args.seeds, epochs=args.epochs, data_dir=args.data_dir, device=args.device,
+            jobs=args.jobs, limit=args.limit, calibration_size=args.calibration_size,
+            allow_mixed_revisions=args.allow_mixed_revisions,
+        )  # fmt: skip
+        run_structured(sc, args.out, log=(lambda s: None) if args.quiet else print)
+    if not args.no_report:
+        path = write_structured_report(args.out, args.results or Path(REPORT_FILE), args.docs)
         print(f"wrote {path}")
     return 0
 

@@ -59,6 +59,9 @@ class OptimizerSpec:
     k_frac: float = option(0.05, "K = max(k_min, k_frac·numel) for k_sparse / k_support",
                            low=0, high=1, low_open=True)  # fmt: skip
     k_min: int = option(10, "smallest K of a tensor", low=1)
+    nm_n: int = option(2, "N of constraint=n_m: at most N non-zeros per M consecutive row entries",
+                       low=1)  # fmt: skip
+    nm_m: int = option(4, "M of constraint=n_m (the group length along each weight row)", low=1)
     radius_scale: float = option(
         15.0, "set size: with radius_from=initialization, L2 diameter = 2·radius_scale·"
         "E||θ_init||; otherwise the radius or diameter itself", low=0, low_open=True,
@@ -104,7 +107,7 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
             )
         params = constraint_groups(
             model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.radius_scale,
-            mode=spec.radius_from, include=spec.constrained_tensors,
+            mode=spec.radius_from, include=spec.constrained_tensors, n=spec.nm_n, m=spec.nm_m,
         )  # fmt: skip
         # train_epoch checks loss and gradients before every step, so the optimizer's own
         # check (a second pass over the gradients) is switched off here.

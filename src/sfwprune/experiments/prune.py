@@ -1,17 +1,35 @@
 """One-shot pruning of a trained run, exported compactly (``sfwprune prune``), and the figures
-of several runs (``sfwprune plot``): the application logic behind those two commands."""
+of several runs (``sfwprune plot``): the application logic behind those two commands.
+
+Structured export (``prune_run(..., structure=...)``, ``sfwprune prune --structure``) writes a
+dict that ``torch.load(path, weights_only=True)`` reads, and :func:`load_small` rebuilds::
+
+    {"format": "sfwprune.structured/1", "structure": "channel" | "N:M", "model": name,
+     "input_shape": [C, H, W], "num_classes": int, "dtype": "float32" | ...,
+     "spec": {layer: [in, out] | [features]},      # channel: the smaller widths (shrink_spec)
+     "state_dict": {...},                            # channel: the small model's; N:M: all but
+     "semi_structured": {weight name: (out, fan_in)},  # N:M: 2:4 matrices for
+     "weight_shapes": {weight name: shape}}          #   torch.sparse.to_sparse_semi_structured
+
+Rebuilding by hand: ``resize_(build_model(model, input_shape=..., num_classes=...), spec)``, then
+``load_state_dict(state_dict)`` (channel); N:M: reshape each ``semi_structured`` matrix to its
+``weight_shapes`` entry and load it with ``state_dict``.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import _io
 from .._checks import check_bool, check_choice, check_int
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES, check_sparsity
 
 DTYPES = ("float32", "float16", "bfloat16")
+STRUCTURED_FORMAT = "sfwprune.structured/1"
 
 
 @dataclass
@@ -22,6 +40,10 @@ class PruneResult:
     out: Path
     epoch: int  # the checkpoint's epoch that was pruned
     dtype: str  # the accuracy is of the weights as stored at this dtype
+    structure: str | None = None
+    # structured only: CPU latency of the dense and exported model (ms, batch 1) and its speed-up
+    latency: dict[str, float] = field(default_factory=dict)
+    params: tuple[int, int] | None = None  # (dense, exported) parameter counts
 
 
 def prune_run(
@@ -37,6 +59,9 @@ def prune_run(
     reconstruct: bool = False,
     calibration_size: int = 2048,
     allow_partial: bool = False,
+    structure: str | None = None,
+    norm: int = 2,
+    indivisible: str = "error",
 ) -> PruneResult:
     """Prune the run in ``run_dir`` to ``sparsity`` (global magnitude by default), write the
     compact file ``out`` (:func:`sfwprune.prune.save_pruned`) and evaluate on the test split
@@ -45,6 +70,12 @@ def prune_run(
     finished is refused unless ``allow_partial`` (:func:`~sfwprune.experiments.runner.load_run`).
     ``reconstruct`` re-solves the kept weights on ``calibration_size`` training images (also the
     inputs of ``criterion="wanda"``), before the file is written.
+
+    ``structure="channel"`` (``sparsity``: fraction of output units; ``scope``; ``norm`` 1 or 2)
+    writes the physically smaller model, ``"N:M"`` (e.g. ``"2:4"``; ``indivisible``) writes 2:4
+    matrices for ``torch.sparse.to_sparse_semi_structured`` plus the rest of the state dict (the
+    module docstring gives the format); the accuracy is then that of :func:`load_small` of the file,
+    and ``latency`` a quick CPU measurement (batch 1, this process's threads) of dense vs file.
     """
     import torch
 
@@ -68,6 +99,7 @@ def prune_run(
     check_int("calibration_size", calibration_size, 1)
     check_choice("dtype", dtype, DTYPES)
     check_bool("bn_recalibrate", bn_recalibrate)
+    nm = _check_structure(structure, sparsity, norm, indivisible)
     out = check_output_file(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"Invalid --out: {str(out)!r} (folder does not exist)")
@@ -77,6 +109,28 @@ def prune_run(
     calibration = None
     if reconstruct or criterion == "wanda":
         calibration = calibration_images(cfg, data, device, calibration_size)
+    if structure is not None:
+        dense = copy.deepcopy(model).eval()
+        prune_(model, None if nm else sparsity, structure=structure, scope=scope,
+               include=include, criterion=criterion, calibration=calibration,
+               reconstruct=reconstruct, norm=norm, indivisible=indivisible)  # fmt: skip
+        if bn_recalibrate:
+            recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
+        payload = structured_payload(model, structure, cfg.model, data, getattr(torch, dtype))
+        small = _rebuild(payload, device)  # what the file holds, before anything is written
+        _io.atomic_torch_save(payload, out)
+        test = evaluate(small, test_loader(cfg, data, device), precision=cfg.precision)
+        from .structured import measure_latency
+
+        lat = measure_latency({"dense": dense.cpu(), "small": small.cpu()}, data.input_shape,
+                              batch=1, rounds=200)  # fmt: skip
+        latency = {"dense_ms": lat["dense"]["median_ms"], "small_ms": lat["small"]["median_ms"],
+                   "speedup": lat["small"]["speedup"], "threads": torch.get_num_threads()}  # fmt: skip
+        count = (_param_count(dense), _param_count(small))
+        return PruneResult(
+            1 - nm[0] / nm[1] if nm else sparsity, test["accuracy"],
+            _structured_report(payload, dense), out, run.epoch, dtype, structure, latency, count,
+        )  # fmt: skip
     prune_(model, sparsity, scope=scope, include=include, criterion=criterion,
            calibration=calibration, reconstruct=reconstruct)  # fmt: skip
     if bn_recalibrate:
@@ -86,6 +140,144 @@ def prune_run(
     test = evaluate(model, test_loader(cfg, data, device), precision=cfg.precision)
     report = format_report(sparsity_report(model, input_shape=data.input_shape))
     return PruneResult(sparsity, test["accuracy"], report, out, run.epoch, dtype)
+
+
+def _check_structure(
+    structure: str | None, sparsity: float, norm: int, indivisible: str
+) -> tuple[int, int] | None:
+    """Refuse bad structured options before any work (``None`` for channel / unstructured)."""
+    if structure is None:
+        if norm != 2 or indivisible != "error":
+            raise ValueError(
+                f"Invalid norm/indivisible: {norm!r}/{indivisible!r} (structured pruning only; "
+                "pass --structure channel or N:M)"
+            )
+        return None
+    from ..prune.structured import parse_structure
+
+    nm = parse_structure(structure)
+    if nm is None:
+        if sparsity >= 1.0:
+            raise ValueError(
+                f"Invalid sparsity: {sparsity:g} (channel pruning keeps at least one unit per "
+                "layer; expected a number in [0, 1))"
+            )
+        if norm not in (1, 2) or isinstance(norm, bool):
+            raise ValueError(f"Invalid norm: {norm!r} (expected 1 or 2)")
+    else:
+        if norm != 2:
+            raise ValueError(f"Invalid norm: {norm!r} (norm is for --structure channel only)")
+        if abs(sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(
+                f"Invalid sparsity: {sparsity:g} (structure {structure} means {1 - nm[0] / nm[1]:g})"
+            )
+    if indivisible not in ("error", "skip"):
+        raise ValueError(f"Invalid indivisible: {indivisible!r} (expected 'error' or 'skip')")
+    return nm
+
+
+def _param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _cast(state: dict[str, Any], dtype) -> dict[str, Any]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def structured_payload(model, structure: str, name: str, data, dtype) -> dict[str, Any]:
+    """The file :func:`prune_run` writes for a structure-pruned ``model`` (module docstring)."""
+    from ..prune import semi_structured_state, shrink, shrink_spec
+    from ..prune.structured import parse_structure
+
+    head = {"format": STRUCTURED_FORMAT, "structure": structure, "model": name,
+            "input_shape": [int(d) for d in data.input_shape],
+            "num_classes": int(data.num_classes),
+            "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if parse_structure(structure) is None:
+        small = shrink(model.eval())
+        state = {k: v.detach().cpu() for k, v in small.state_dict().items()}
+        return {**head, "spec": shrink_spec(small), "state_dict": _cast(state, dtype)}
+    semi = {}
+    if parse_structure(structure) == (2, 4):  # the one pattern the GPU kernels take
+        semi = {k: v.cpu() for k, v in semi_structured_state(model, dtype=dtype).items()}
+    shapes = {k: list(state[k].shape) for k in semi}
+    rest = _cast({k: v for k, v in state.items() if k not in semi}, dtype)
+    return {**head, "state_dict": rest, "semi_structured": semi, "weight_shapes": shapes}
+
+
+def _rebuild(payload: dict[str, Any], device=None):
+    """The float32 model a structured payload describes (eval mode, on ``device``)."""
+    from ..models import build_model
+    from ..prune import resize_
+
+    try:
+        model = build_model(payload["model"], input_shape=tuple(payload["input_shape"]),
+                            num_classes=int(payload["num_classes"]))  # fmt: skip
+        if "spec" in payload:
+            resize_(model, payload["spec"])
+            state = dict(payload["state_dict"])
+        else:
+            state = dict(payload["state_dict"])
+            for k, matrix in payload["semi_structured"].items():
+                state[k] = matrix.reshape(payload["weight_shapes"][k])
+        model.load_state_dict(state)  # copies (and casts) into the float32 parameters
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(
+            f"Invalid structured file: not a {STRUCTURED_FORMAT} payload "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def load_small(path: str | Path, device=None):
+    """The model a ``prune --structure`` file holds, rebuilt (float32, eval mode).
+
+    Channel files give the physically smaller model (:func:`sfwprune.prune.resize_` of a fresh
+    model, then its state dict); N:M files the full-size model with its 2:4 weights. Read with
+    ``torch.load(..., weights_only=True)``.
+
+    Example:
+        >>> small = load_small("small.pt")
+        >>> small(torch.zeros(1, 1, 28, 28)).shape
+        torch.Size([1, 10])
+    """
+    from .._io import safe_torch_load
+
+    payload = safe_torch_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != STRUCTURED_FORMAT:
+        raise ValueError(
+            f"Invalid structured file: {str(path)!r} (expected a {STRUCTURED_FORMAT} file "
+            "from `sfwprune prune --structure`)"
+        )
+    return _rebuild(payload, device)
+
+
+def _structured_report(payload: dict[str, Any], dense) -> str:
+    """Per layer: dense width -> exported width (channel), or which weights are 2:4 matrices."""
+    from torch import nn
+    from torch.nn.modules.conv import _ConvNd
+
+    lines = []
+    if "spec" in payload:
+        lines.append(f"{'layer':<24} {'dense in->out':>16} {'small in->out':>16}")
+        for name, mod in dense.named_modules():
+            if isinstance(mod, (nn.Linear, _ConvNd)) and name in payload["spec"]:
+                i, o = payload["spec"][name]
+                lines.append(
+                    f"{name:<24} {f'{mod.weight.shape[1]}->{mod.weight.shape[0]}':>16} "
+                    f"{f'{i}->{o}':>16}"
+                )
+        return "\n".join(lines)
+    semi = payload["semi_structured"]
+    lines.append(f"{'weight':<24} {'shape':>16}  stored as")
+    for name, mod in dense.named_modules():
+        if isinstance(mod, (nn.Linear, _ConvNd)):
+            full = f"{name}.weight"
+            shape = "x".join(str(d) for d in mod.weight.shape)
+            how = "2:4 matrix (to_sparse_semi_structured)" if full in semi else "dense tensor"
+            lines.append(f"{full:<24} {shape:>16}  {how}")
+    return "\n".join(lines)
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:

@@ -5,6 +5,10 @@ Schema of ``sweep.json``::
     {"config": {"train": {...}, "sweep": {...}}, "provenance": {...},
      "run": {"run_id", "epoch", "finished"},   # the weights evaluated: which training, which epoch
      "rows": [{"sparsity", "measured_sparsity", "accuracy", "loss"}, ...]}
+
+``structure`` (``"channel"`` or ``"N:M"``, :func:`sfwprune.prune.prune_`) sweeps structured
+pruning: channel levels are fractions of output units (``norm`` 1 or 2 ranks them), an N:M
+sweep has the one level ``1 - N/M`` (``indivisible="skip"`` leaves rows of other lengths dense).
 """
 
 from __future__ import annotations
@@ -43,8 +47,37 @@ class SweepConfig:
     # calibrated one-shot pruning (docs/algorithm.md §6): re-solve the kept weights per level
     reconstruct: bool = False
     calibration_size: int = 2048  # training images (no labels used), fixed seed CALIBRATION_SEED
+    # structured pruning (docs/algorithm.md §7): None (unstructured), "channel" or "N:M"
+    structure: str | None = None
+    norm: int = 2  # channel: rank units by their L1 (1, Li et al. 2017) or L2 (2) row norm
+    indivisible: str = "error"  # N:M: "skip" leaves rows whose length M does not divide dense
 
     def validate(self) -> SweepConfig:
+        if self.structure is not None:
+            from ..prune.structured import parse_structure
+
+            nm = parse_structure(self.structure)
+            if self.norm not in (1, 2) or isinstance(self.norm, bool):
+                raise ValueError(f"Invalid norm: {self.norm!r} (expected 1 or 2)")
+            if self.indivisible not in ("error", "skip"):
+                raise ValueError(
+                    f"Invalid indivisible: {self.indivisible!r} (expected 'error' or 'skip')"
+                )
+            if nm is None and any(s >= 1.0 for s in self.sparsities):
+                raise ValueError(
+                    "Invalid sparsity: 1.0 (channel pruning keeps at least one unit per layer; "
+                    "expected numbers in [0, 1))"
+                )
+            if nm is not None and any(abs(s - (1 - nm[0] / nm[1])) > 1e-9 for s in self.sparsities):
+                raise ValueError(
+                    f"Invalid sparsities: {list(self.sparsities)} (structure {self.structure} "
+                    f"has the one level {1 - nm[0] / nm[1]:g})"
+                )
+        elif self.norm != 2 or self.indivisible != "error":
+            raise ValueError(
+                f"Invalid norm/indivisible: {self.norm!r}/{self.indivisible!r} (structured "
+                "pruning only; pass structure='channel' or 'N:M')"
+            )
         for name, allowed in (("scope", SCOPES), ("include", INCLUDES), ("criterion", CRITERIA)):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -98,11 +131,15 @@ def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, 
     if sweep.reconstruct or sweep.criterion == "wanda":
         calibration = calibration_images(cfg, data, device, sweep.calibration_size)
     generator = torch.Generator().manual_seed(sweep.seed)
+    structured: dict[str, Any] = {}
+    if sweep.structure is not None:
+        structured = {"structure": sweep.structure, "norm": sweep.norm,
+                      "indivisible": sweep.indivisible}  # fmt: skip
     return sparsity_sweep(
         model, lambda m: evaluate(m, evaluator, precision=cfg.precision), list(sweep.sparsities),
         bn_batches=bn_batches, scope=sweep.scope, include=sweep.include,
         criterion=sweep.criterion, generator=generator, calibration=calibration,
-        reconstruct=sweep.reconstruct,
+        reconstruct=sweep.reconstruct, **structured,
     )  # fmt: skip
 
 
