@@ -309,6 +309,15 @@ def write_report(
     for model in models:
         for rev, paths in grid_revisions(out / model).items():
             revisions[rev] = revisions.get(rev, 0) + len(paths)
+    structured = results_path.parent / "RESULTS-structured.md"  # .structured's REPORT_FILE
+    if structured.is_file():
+        parts += [
+            "## Structured sparsity (channels, 2:4)",
+            "",
+            f"Channel and 2:4 pruning with measured CPU latency: [{structured.name}]"
+            f"({structured.name}) (`sfwprune reproduce fashion-mnist --structured`).",
+            "",
+        ]
     parts += [
         "## How it was measured",
         "",

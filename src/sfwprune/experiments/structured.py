@@ -315,7 +315,8 @@ def _model_section(out: Path, model: str, seeds: int) -> tuple[list[str], dict[s
         lines += [
             "Measured CPU latency of the physically smaller model (1 thread, median of "
             f"{', '.join(f'{v} rounds at batch {k}' for k, v in latency['rounds'].items())}; "
-            "dense and shrunk models interleaved):",
+            "dense and shrunk models interleaved; shrunk from the SFW-channel seed-0 run at layer "
+            "scope, whose widths are the same for every run):",
             "",
             "| units removed | parameters | batch 1 (ms) | speed-up | batch 256 (ms) | speed-up |",
             "|---|---|---|---|---|---|",
@@ -435,8 +436,10 @@ def write_structured_report(
     """Write the structured grid's report (``RESULTS-structured.md`` by default) and its figure
     ``docs/structured_accuracy_latency.png`` from the grid in ``out_dir``."""
     from .provenance import provenance
+    from .reproduce import grid_revisions
 
     out = Path(out_dir)
+    revisions = grid_revisions(out)
     configs = {p.parent.name: _read_config(p)
                for p in sorted(out.glob("*/structured_config.json"))}  # fmt: skip
     if not configs:
@@ -460,7 +463,8 @@ def write_structured_report(
     parts = [
         "# Structured sparsity: channels and 2:4 (issue 14)",
         "",
-        f"Fashion-MNIST, {cfg0['epochs']} epochs, {cfg0['seeds']} seeds (mean ± std). Methods: "
+        f"Dataset {cfg0['dataset']}, {cfg0['epochs']} epochs, {cfg0['seeds']} seeds (mean ± std). "
+        "Methods: "
         f"SGD; SFW in the channel set (group K-sparse over output units, k_frac {K_FRAC}); SFW "
         "in the 2:4 set (N:M polytope on weights whose row length 4 divides, the K-sparse set "
         "on the others). Each run is pruned once, without retraining: channels by the L1 (Li et "
@@ -483,6 +487,11 @@ def write_structured_report(
         f"- Grid folder: `{out}`; command: `sfwprune reproduce fashion-mnist --structured "
         f"--out {out}`",
         *[f"- Grid settings, {m}: `{json.dumps(settings[m])}`" for m in models],
+        "- Code revision(s) of the grid's results files: "
+        + (
+            ", ".join(f"`{rev}` ({len(paths)} files)" for rev, paths in sorted(revisions.items()))
+            or "none recorded"
+        ),  # fmt: skip
         f"- Report written by: `{json.dumps(provenance())}`",
         "- Latency: measured after all training, in the grid's own process, 1 torch thread.",
         "",
