@@ -12,6 +12,7 @@ from torch import nn
 from sfwprune.models.registry import build_model
 from sfwprune.prune import prune_, reconstruct_
 from sfwprune.prune.calibration import (
+    LayerInputs,
     as_rows,
     out_rows,
     rows_per_sample,
@@ -329,7 +330,8 @@ def test_row_cap_uses_the_sampled_rows_exactly_and_is_seeded():
     assert not all(torch.equal(a, b) for a, b in zip(plan["conv1"], other["conv1"], strict=True))
     # H and B from the sampled rows equal the brute-force products over the same rows
     conv = net.conv2
-    H, B, yy = _statistics(net, net, "conv2", chunks, plan["conv2"], None, exact=True)
+    inputs = LayerInputs(net, order, chunks, budget=2**30)
+    H, B, yy = _statistics(inputs, 1, net, "conv2", chunks, plan["conv2"], None, exact=True)
     x1 = F.relu(net.conv1(x))
     X, Y = as_rows(conv, x1), out_rows(conv, conv(x1))
     starts = [0, 10 * 16, 20 * 16]
@@ -400,3 +402,39 @@ def test_bad_statistics_arguments_raise():
     ]:
         with pytest.raises(ValueError, match=match):
             reconstruct_(net, masks, [x], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,shape", [("resnet18", (3, 8, 8)), ("vgg16", (3, 32, 32)), ("lenet5bn", (1, 12, 12))]
+)
+def test_cached_layer_inputs_give_the_same_reconstruction_as_full_forwards(
+    name, shape, monkeypatch
+):
+    net = build_model(name, input_shape=shape, num_classes=10, seed=0).eval()
+    x = torch.randn(8, *shape)  # chunks of 3, 3, 2: BatchNorm recalibration needs 2 per chunk
+    masks = prune_(copy.deepcopy(net), 0.7)
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    reconstruct_(a, masks, [x], dense=net, chunk=3)
+    monkeypatch.setattr("sfwprune.prune.reconstruct.ACTIVATION_CACHE_BYTES", 0)
+    reconstruct_(b, masks, [x], dense=net, chunk=3)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(va, vb, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_layer_inputs_resume_inside_blocks_and_match_full_forwards():
+    from sfwprune.prune.calibration import capture, forward_order
+
+    net = build_model("resnet18", input_shape=(3, 8, 8), num_classes=10, seed=0).eval()
+    x = torch.randn(5, 3, 8, 8)
+    chunks = [x[:3], x[3:]]
+    order = [n for n, _ in forward_order(net, x[:1])]
+    inputs = LayerInputs(net, order, chunks, budget=2**30)
+    assert all(a is not None and a is not net for a in inputs.anchor[:-1])  # fc: after flatten
+    for i, name in enumerate(order):
+        for c in range(2):
+            want = capture(net, net.get_submodule(name), chunks[c], output=False)[0]
+            assert torch.equal(inputs.get(i, c), want)
+        inputs.done(i)
+    assert not inputs.cache
+    none = LayerInputs(net, order, chunks, budget=0)
+    assert none.anchor == [None] * len(order)

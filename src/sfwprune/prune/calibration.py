@@ -277,3 +277,143 @@ def feature_sq_sums(
             h.remove()
     for module, (sq, count) in sums.items():
         yield module, sq, count
+
+
+class LayerInputs:
+    """Inputs of a model's layers, taken in forward order, without re-running the whole prefix.
+
+    A probe forward (one sample) finds the *resume points*: submodules called once, with one
+    positional tensor and no keyword, whose input is the very tensor their parent received or an
+    earlier such sibling returned (a chain such as ``nn.Sequential`` stages and blocks, or a
+    residual block's shortcut on the block's input). The input of layer ``k`` is then got by
+    running only its innermost resume-point ancestor from that ancestor's cached input, cut at
+    ``k``. Caches are kept per chunk while a later layer may need them and never go stale: every
+    layer called before a resume point is final (reconstructed) when its input is first built.
+
+    If the cached activations could exceed ``budget`` bytes (estimated from the probe), or no
+    resume point exists, every input comes from a forward of the whole model cut at the layer.
+    """
+
+    def __init__(
+        self, model: nn.Module, order: list[str], chunks: list[Tensor], budget: int
+    ) -> None:
+        self.model, self.chunks = model, chunks
+        self.layers = [model.get_submodule(n) for n in order]
+        self.source: dict[nn.Module, tuple[str, nn.Module]] = {}
+        self.anchor: list[nn.Module | None] = [None] * len(order)
+        self.cache: dict[nn.Module, list[Tensor | None]] = {}
+        self.last_use: dict[nn.Module, int] = {}
+        self._probe(order, budget)
+
+    def _probe(self, order: list[str], budget: int) -> None:
+        model = self.model
+        parent = {c: m for m in model.modules() for c in m.children()}
+        calls: dict[nn.Module, int] = {}
+        seq: list[nn.Module] = []
+        ins: dict[nn.Module, tuple[int, bool, int]] = {}
+        outs: dict[nn.Module, int] = {}
+        alive: list[Any] = []  # every probed tensor stays alive, so ids are never reused
+
+        def pre(m: nn.Module, args: tuple, kwargs: dict) -> None:
+            alive.append((args, kwargs))
+            calls[m] = calls.get(m, 0) + 1
+            seq.append(m)
+            simple = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
+            ins[m] = (id(args[0]) if simple else -1, simple, args[0].numel() if simple else 0)
+
+        def post(m: nn.Module, args: tuple, out: Any) -> None:
+            alive.append(out)
+            outs[m] = id(out) if isinstance(out, Tensor) else -2
+
+        x1 = self.chunks[0][:1]
+        mods = [m for m in model.modules() if m is not model]
+        handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in mods]
+        handles += [m.register_forward_hook(post) for m in mods]
+        try:
+            with torch.no_grad():
+                model(x1)
+        finally:
+            for h in handles:
+                h.remove()
+        root_in = id(x1)
+        resume: dict[nn.Module, tuple[str, nn.Module]] = {}
+        first_call = {m: i for i, m in reversed(list(enumerate(seq)))}
+        for m in sorted(ins, key=first_call.__getitem__):
+            p = parent.get(m)
+            if calls[m] != 1 or not ins[m][1] or p is None:
+                continue
+            if p is not model and p not in resume:
+                continue
+            p_in = root_in if p is model else ins[p][0]
+            if ins[m][0] == p_in:
+                resume[m] = ("parent", p)
+                continue
+            earlier = [s for s in p.children() if s in resume and first_call[s] < first_call[m]]
+            same = [s for s in earlier if outs.get(s) == ins[m][0]]
+            if same:
+                resume[m] = ("sibling", same[-1])
+        self.source = resume
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        span: dict[nn.Module, tuple[int, int]] = {}
+        for m in resume:
+            inside = [index[x] for x in m.modules() if x in index]  # m itself if a layer
+            if inside:
+                span[m] = (min(inside), max(inside))
+        for i, layer in enumerate(self.layers):
+            m = parent.get(layer)
+            chain = [layer] if layer in resume else []
+            while m is not None and m is not model:
+                chain.append(m)
+                m = parent.get(m)
+            anchors = [a for a in chain if a in resume]
+            self.anchor[i] = anchors[0] if anchors else None
+        # the last layer index at which each resume point's cached input may be needed: its own
+        # layers, and building a later sibling's input from it (through layerless siblings)
+        for m, (first, last) in span.items():
+            self.last_use[m] = max(self.last_use.get(m, -1), last)
+            s = m
+            while True:
+                kind, src = resume[s]
+                if src is model:
+                    break
+                self.last_use[src] = max(self.last_use.get(src, -1), first)
+                if kind == "parent" or src in span:
+                    break
+                s = src
+        n = sum(len(x) for x in self.chunks)
+        peak = 0
+        for i in range(len(self.layers)):
+            live = [m for m, last in self.last_use.items() if last >= i and m in ins]
+            peak = max(peak, sum(ins[m][2] for m in live))
+        if peak * n * x1.element_size() > budget:
+            self.anchor = [None] * len(self.layers)
+
+    def _input_of(self, m: nn.Module, c: int) -> Tensor:
+        if m is self.model:
+            return self.chunks[c]
+        cached = self.cache.setdefault(m, [None] * len(self.chunks))
+        if cached[c] is None:
+            kind, src = self.source[m]
+            x = self._input_of(src, c)
+            if kind == "sibling":
+                with torch.no_grad():
+                    x = src(x)
+            cached[c] = x
+        x = cached[c]
+        assert x is not None
+        return x
+
+    def get(self, i: int, c: int) -> Tensor:
+        """Input of layer ``i`` (forward order) on chunk ``c``, with earlier layers as they are."""
+        layer, anchor = self.layers[i], self.anchor[i]
+        if anchor is None:
+            return capture(self.model, layer, self.chunks[c], output=False)[0]
+        x = self._input_of(anchor, c)
+        if anchor is layer:
+            return x
+        return capture(anchor, layer, x, output=False)[0]
+
+    def done(self, i: int) -> None:
+        """Layer ``i`` is final: drop the cached inputs no later layer needs."""
+        for m in [m for m in self.cache if self.last_use.get(m, -1) <= i]:
+            del self.cache[m]

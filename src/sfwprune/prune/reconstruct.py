@@ -23,6 +23,7 @@ from torch import nn
 
 from .bn import batchnorm_modules, recalibrate_bn
 from .calibration import (
+    LayerInputs,
     as_rows,
     calibration_chunks,
     capture,
@@ -48,6 +49,8 @@ BLOCK_ELEMENTS = 2**23
 MAX_ROWS = 2**15
 # bytes of dense-layer targets kept for one level (else the dense net runs once per layer)
 TARGET_CACHE_BYTES = 2**30
+# bytes of the pruned network's activations cached at resume points (calibration.LayerInputs)
+ACTIVATION_CACHE_BYTES = 2**31
 
 
 def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -246,7 +249,8 @@ def _fingerprint(dense: nn.Module, chunks: list[Tensor]) -> tuple:
 
 
 def _statistics(
-    model: nn.Module,
+    inputs: LayerInputs,
+    i: int,
     dense: nn.Module,
     name: str,
     chunks: list[Tensor],
@@ -259,13 +263,13 @@ def _statistics(
     Rows come from the pruned network's input of the layer and, as targets, the dense layer's
     output (``targets`` per chunk if precomputed); only the rows in ``plan`` when it has indices.
     """
-    mp, md = model.get_submodule(name), dense.get_submodule(name)
+    mp, md = inputs.layers[i], dense.get_submodule(name)
     acc = _Accumulator(exact)
     for c, x in enumerate(chunks):
         index = plan[c]
         if index is not None and len(index) == 0:
             continue
-        xp, _ = capture(model, mp, x, output=False)
+        xp = inputs.get(i, c)
         if targets is not None:
             Y = targets[c]
         else:
@@ -423,13 +427,15 @@ def reconstruct_(
                 if cache is not None:
                     cache.clear()
                     cache.update(key=key, targets=targets)
+            inputs = LayerInputs(model, order, chunks, ACTIVATION_CACHE_BYTES)
             info = {}
-            for name in order:
+            for i, name in enumerate(order):
                 layer_targets = None if targets is None else targets[name]
                 stats = _statistics(
-                    model, dense, name, chunks, plan[name], layer_targets, exact_statistics
+                    inputs, i, dense, name, chunks, plan[name], layer_targets, exact_statistics
                 )
                 info[name] = _reconstruct_layer(model, name, masks, stats, float(ridge), solver)
+                inputs.done(i)
             if recalibrate and batchnorm_modules(model):
                 recalibrate_bn(model, chunks)
             ok = True
