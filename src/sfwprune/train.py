@@ -106,8 +106,9 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
                 f"Invalid weight_decay: {spec.weight_decay!r} (SFW takes none: the set constrains)"
             )
         params = constraint_groups(
-            model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min, value=spec.radius_scale,
-            mode=spec.radius_from, include=spec.constrained_tensors, n=spec.nm_n, m=spec.nm_m,
+            model, spec.constraint, k_frac=spec.k_frac, k_min=spec.k_min,
+            radius_scale=spec.radius_scale, radius_from=spec.radius_from,
+            include=spec.constrained_tensors, n=spec.nm_n, m=spec.nm_m,
         )  # fmt: skip
         # train_epoch checks loss and gradients before every step, so the optimizer's own
         # check (a second pass over the gradients) is switched off here.

@@ -108,6 +108,8 @@ def test_frozen_params_left_out() -> None:
         ({"kind": "sparse"}, "kind: 'sparse'"),
         ({"mode": "init"}, "mode: 'init'"),
         ({"value": -1.0}, "value: -1.0"),
+        ({"radius_from": "init"}, "radius_from: 'init'"),
+        ({"radius_scale": 0.0}, "radius_scale: 0.0"),
         ({"k_frac": 0.0}, "k_frac: 0.0"),
         ({"k_frac": 1.5}, "k_frac: 1.5"),
         ({"k_min": 0}, "k_min: 0"),
@@ -118,3 +120,9 @@ def test_bad_arguments(kwargs, bad) -> None:
     with pytest.raises(ValueError, match="Invalid") as info:
         constraint_groups(_net(), **kwargs)
     assert bad in str(info.value)
+
+
+def test_old_names_value_and_mode_give_the_same_sets() -> None:
+    new = constraint_groups(_net(), "l2", radius_from="radius", radius_scale=3.0)
+    old = constraint_groups(_net(), "l2", mode="radius", value=3.0)
+    assert [g["radius"] for g in new] == [g["radius"] for g in old]

@@ -154,27 +154,30 @@ def constraint_groups(
     *,
     k_frac: float = 0.05,
     k_min: int = 10,
-    value: float = 15.0,
-    mode: str = "initialization",
+    radius_scale: float = 15.0,
+    radius_from: str = "initialization",
     include: IncludeFn | str | None = None,
     p: float | None = None,
     n: int = 2,
     m: int = 4,
     unconstrained_lr: float = 1.0,
+    value: float | None = None,
+    mode: str | None = None,
 ) -> list[dict[str, Any]]:
     """One SFW param group per parameter tensor, each with its constraint set; moves params inside.
 
     Sizing (docs/algorithm.md §3): ``K = min(max(k_min, ⌊k_frac·numel⌋), numel)``; with
-    ``mode="initialization"`` the set's L2 diameter is ``2·value·E||θ_init||``, with
-    ``mode="radius"`` the radius is ``value``, with ``mode="diameter"`` the L2 diameter is
-    ``value``. Parameters are rescaled radially into their sets in place.
+    ``radius_from="initialization"`` the set's L2 diameter is ``2·radius_scale·E||θ_init||``,
+    with ``radius_from="radius"`` the radius is ``radius_scale``, with ``"diameter"`` the L2
+    diameter is ``radius_scale``. Parameters are rescaled radially into their sets in place.
 
     Args:
         model: the network; parameters with ``requires_grad=False`` are left out.
         kind: ``k_sparse`` | ``l1`` | ``l2`` | ``linf`` | ``lp`` (with ``p``) | ``k_support`` |
             ``unconstrained``.
         k_frac, k_min: K for the K-sparse and K-support sets.
-        value, mode: the set's size, see above.
+        radius_scale, radius_from: the set's size, see above (the paper's ``value`` and
+            ``mode``; ``value=`` and ``mode=`` are still accepted as their old names).
         include: which tensors get ``kind``; the rest are unconstrained. ``None``/``"all"``,
             ``"weights"`` (tensors of dim >= 2, :mod:`sfwprune.params`: exactly what ``prune_``
             prunes by default), or ``fn(name, param) -> bool``.
@@ -198,13 +201,21 @@ def constraint_groups(
       in K), ``τ`` from ``D = 2τ√K``.
 
     Example:
-        >>> groups = constraint_groups(model, "k_sparse", k_frac=0.05, value=15)
+        >>> groups = constraint_groups(model, "k_sparse", k_frac=0.05, radius_scale=15)
         >>> opt = SFW(groups, lr=1.0, momentum=0.9)
     """
     check_kind(kind)
-    if mode not in MODES:
-        raise ValueError(f"Invalid mode: {mode!r} (expected one of {', '.join(MODES)})")
-    check_positive("value", value)
+    # the old names (the paper's code calls them value and mode); errors name what was passed
+    scale_name, from_name = "radius_scale", "radius_from"
+    if value is not None:
+        radius_scale, scale_name = value, "value"
+    if mode is not None:
+        radius_from, from_name = mode, "mode"
+    if radius_from not in MODES:
+        raise ValueError(
+            f"Invalid {from_name}: {radius_from!r} (expected one of {', '.join(MODES)})"
+        )
+    check_positive(scale_name, radius_scale)
     if not (isinstance(k_frac, (int, float)) and 0 < k_frac <= 1):
         raise ValueError(f"Invalid k_frac: {k_frac!r} (expected a number in (0, 1])")
     if isinstance(k_min, bool) or not isinstance(k_min, int) or k_min < 1:
@@ -216,7 +227,7 @@ def constraint_groups(
     ):
         raise ValueError(f"Invalid unconstrained_lr: {unconstrained_lr!r} (expected a number >= 0)")
     chosen = _include_fn(include)
-    init_norms = expected_init_norms(model) if mode == "initialization" else {}
+    init_norms = expected_init_norms(model) if radius_from == "initialization" else {}
     layers = [mod for mod in model.modules() if isinstance(mod, (nn.Linear, _ConvNd))]
     output_layer = layers[-1] if layers else None
 
@@ -236,12 +247,12 @@ def constraint_groups(
             k = k_from_fraction(numel, k_frac, k_min)
         size: dict[str, float] = {}
         if this_kind != "unconstrained":
-            if mode == "initialization":
-                size["l2_diameter"] = 2.0 * value * init_norms[name]
-            elif mode == "diameter":
-                size["l2_diameter"] = value
+            if radius_from == "initialization":
+                size["l2_diameter"] = 2.0 * radius_scale * init_norms[name]
+            elif radius_from == "diameter":
+                size["l2_diameter"] = radius_scale
             else:
-                size["radius"] = value
+                size["radius"] = radius_scale
         cset = make_constraint(this_kind, numel, k=k, p=p, group_size=group_size, **size)
         with torch.no_grad():
             param.copy_(cset.shift_inside(param))
