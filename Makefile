@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: test demo lint bench install data clean
+.PHONY: test test-heavy demo lint bench install data clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# the few tests that take minutes of CPU (VGG-16 / ResNet-18 reconstruction)
+test-heavy: $(STAMP)
+	$(PY) -m pytest -m heavy
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

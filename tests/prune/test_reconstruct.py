@@ -198,9 +198,14 @@ def test_prune_with_reconstruct_equals_prune_then_reconstruct():
     assert same(a, snapshot(b))
 
 
+HEAVY = pytest.mark.heavy  # minutes of CPU: not in the default run (`make test-heavy` runs them)
+
+
 @pytest.mark.parametrize(
-    "name,shape", [("lenet5bn", (1, 12, 12)), ("resnet18", (3, 8, 8)), ("vgg16", (3, 32, 32))]
-)
+    "name,shape",
+    [("lenet5bn", (1, 12, 12)), ("resnet18", (3, 8, 8)),
+     pytest.param("vgg16", (3, 32, 32), marks=HEAVY)],
+)  # fmt: skip
 def test_bn_and_residual_models_run_end_to_end(name, shape):
     net = build_model(name, input_shape=shape, num_classes=10, seed=0)
     x = torch.randn(6, *shape)
@@ -405,8 +410,10 @@ def test_bad_statistics_arguments_raise():
 
 
 @pytest.mark.parametrize(
-    "name,shape", [("resnet18", (3, 8, 8)), ("vgg16", (3, 32, 32)), ("lenet5bn", (1, 12, 12))]
-)
+    "name,shape",
+    [pytest.param("resnet18", (3, 8, 8), marks=HEAVY),
+     pytest.param("vgg16", (3, 32, 32), marks=HEAVY), ("lenet5bn", (1, 12, 12))],
+)  # fmt: skip
 def test_cached_layer_inputs_give_the_same_reconstruction_as_full_forwards(
     name, shape, monkeypatch
 ):
