@@ -15,7 +15,8 @@ from sfwprune.experiments.flags import _leaf_fields
 from sfwprune.train import OptimizerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
-OLD_RUN_CONFIG = ROOT / "results" / "fashion-mnist" / "lenet300" / "sfw" / "seed0" / "config.json"
+# a config.json written before the optimizer was nested (the first grid's lenet300/sfw/seed0)
+OLD_RUN_CONFIG = Path(__file__).parent / "data" / "old_run_config.json"
 
 
 def test_a_real_old_config_json_loads_into_the_nested_schema() -> None:
