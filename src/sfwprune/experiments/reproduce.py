@@ -287,6 +287,27 @@ class _Grid:
                     then()
 
 
+def job_pool(jobs: int) -> cf.Executor:
+    """The grid's executor: in-process for one job, else ``jobs`` spawned worker processes."""
+    if jobs == 1:
+        return _InProcess()
+    return cf.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init,
+    )  # fmt: skip
+
+
+def grid_revision(out: Path, allow_mixed: bool) -> str:
+    """This process's code revision, after refusing a grid folder that holds another one's
+    results (unless ``allow_mixed``)."""
+    from .provenance import git_revision
+
+    current = git_revision()
+    if not allow_mixed and out.is_dir():
+        check_revisions(out, current)
+    return current
+
+
 def run_dir_of(out: Path, model: str, method: str, seed: int) -> Path:
     return out / model / method / f"seed{seed}"
 
@@ -441,13 +462,11 @@ def run_reproduce(
     log: Callable[[str], None] = print,
 ) -> Path:
     """Run (or finish) the grid; returns ``out_dir``. The report is :func:`write_report`."""
-    from .provenance import git_revision, provenance
+    from .provenance import provenance
 
     rc.validate()
     out = Path(out_dir)
-    current = git_revision()
-    if not rc.allow_mixed_revisions and out.is_dir():
-        check_revisions(out, current)
+    current = grid_revision(out, rc.allow_mixed_revisions)
     out.mkdir(parents=True, exist_ok=True)
     for model in rc.models:  # per model: grids of different models may differ (epochs, seeds)
         (out / model).mkdir(parents=True, exist_ok=True)
@@ -466,14 +485,7 @@ def run_reproduce(
                 (out / model).mkdir(parents=True, exist_ok=True)
                 _io.atomic_write_json(out / model / "best.json", best)
     start = time.perf_counter()
-    if rc.jobs == 1:
-        pool: cf.Executor = _InProcess()
-    else:
-        pool = cf.ProcessPoolExecutor(
-            max_workers=rc.jobs, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-        )  # fmt: skip
-    with pool:
+    with job_pool(rc.jobs) as pool:
         grid = _Grid(pool, current, rc.allow_mixed_revisions, log)
         _submit_all(grid, rc, out)
         grid.wait()

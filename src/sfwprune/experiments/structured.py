@@ -18,9 +18,7 @@ skipped.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
-import multiprocessing
 import os
 import statistics
 import time
@@ -213,14 +211,12 @@ def run_structured(
     sc: StructuredConfig, out_dir: str | Path, *, log: Callable[[str], None] = print
 ) -> Path:
     """Run (or finish) the structured grid into ``out_dir``; then time the shrunk models."""
-    from .provenance import git_revision, provenance
-    from .reproduce import _Grid, _InProcess, _worker_init, check_revisions, run_dir_of
+    from .provenance import provenance
+    from .reproduce import _Grid, grid_revision, job_pool, run_dir_of
 
     sc.validate()
     out = Path(out_dir)
-    current = git_revision()
-    if not sc.allow_mixed_revisions and out.is_dir():
-        check_revisions(out, current)
+    current = grid_revision(out, sc.allow_mixed_revisions)
     for model in sc.models:
         (out / model).mkdir(parents=True, exist_ok=True)
         _io.atomic_write_json(
@@ -229,14 +225,7 @@ def run_structured(
              "provenance": provenance()},
         )  # fmt: skip
     start = time.perf_counter()
-    if sc.jobs == 1:
-        pool: cf.Executor = _InProcess()
-    else:
-        pool = cf.ProcessPoolExecutor(
-            max_workers=sc.jobs, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-        )  # fmt: skip
-    with pool:
+    with job_pool(sc.jobs) as pool:
         grid = _Grid(pool, current, sc.allow_mixed_revisions, log)
         for model in sc.models:
             for seed in range(sc.seeds):
