@@ -25,6 +25,7 @@ from .optim import SFW
 from .optim.cram import CrAM
 from .optim.finite import finite_flags
 from .optim.sfw import RESCALES
+from .prune.masks import apply_masks_
 
 Tensor = torch.Tensor
 OPTIMIZERS = ("sfw", "sgd")
@@ -197,14 +198,6 @@ def evaluate(
     if count == 0:
         raise ValueError("Invalid evaluation data: no batches (expected at least one sample)")
     return {"accuracy": 100.0 * float(correct) / count, "loss": float(loss_sum) / count}
-
-
-def apply_masks_(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
-    """Zero the pruned entries (``mask == False``) of the named parameters, in place."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            params[name].mul_(mask.to(params[name].dtype))
 
 
 def _check_finite(loss: Tensor, model: nn.Module, epoch: int, step: int) -> None:

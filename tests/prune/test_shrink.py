@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from sfwprune.models import build_model
+from sfwprune.prune.masks import apply_masks_
 from sfwprune.prune.shrink import resize_, shrink, shrink_spec
-from sfwprune.prune.structured import apply_masks_, channel_spaces, structured_masks
+from sfwprune.prune.structured import channel_spaces, structured_masks
 
 ARCHS = [
     ("lenet300", (1, 28, 28)),

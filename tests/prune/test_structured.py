@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from sfwprune.models import LeNet5, ResNet18
+from sfwprune.prune import prune_
 from sfwprune.prune.structured import (
     channel_spaces,
     parse_structure,
-    prune_structured_,
     structured_masks,
 )
 
@@ -61,7 +61,7 @@ def test_channel_layer_scope_and_keep_one_per_layer() -> None:
 def test_channel_masks_cover_batchnorm_and_prune_in_place() -> None:
     torch.manual_seed(0)
     model = LeNet5((1, 12, 12), 10, batch_norm=True)
-    masks = prune_structured_(model, 0.5, "channel", scope="layer")
+    masks = prune_(model, 0.5, structure="channel", scope="layer")
     assert set(masks) == {
         "features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias",
         "features.4.weight", "features.4.bias", "features.5.weight", "features.5.bias",
@@ -92,7 +92,7 @@ def test_n_m_keeps_n_largest_per_group_of_rows() -> None:
         net.weight.copy_(
             torch.tensor([[0.1, -3.0, 2.0, 0.0, 1.0, 1.0, -0.2, 4.0], [1, 2, 3, 4, 8, 7, 6, 5.0]])
         )
-    masks = prune_structured_(net, structure="2:4")
+    masks = prune_(net, structure="2:4")
     assert masks["weight"].int().tolist() == [[0, 1, 1, 0, 1, 0, 0, 1], [0, 0, 1, 1, 1, 1, 0, 0]]
     assert net.weight[0].tolist() == [0.0, -3.0, 2.0, 0.0, 1.0, 0.0, 0.0, 4.0]  # tie: lower index
     assert structured_masks(net, 0.5, "2:4")["weight"].sum() == 8

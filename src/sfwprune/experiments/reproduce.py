@@ -173,7 +173,8 @@ def train_and_sweep(
     calibration_size: int = 2048,
 ) -> str:
     """Train a run (resuming if cut) and write its sweeps: ``sweep[-TAG].json`` per entry of
-    ``sweeps`` (tag -> :class:`SweepConfig` fields), each skipped when already there."""
+    ``sweeps`` (tag -> :class:`SweepConfig` fields, which may name their own ``sparsities``;
+    otherwise ``sparsities``), each skipped when already there."""
     from .runner import train_run
     from .sweep import SweepConfig, sweep_file_name, sweep_run
 
@@ -184,8 +185,10 @@ def train_and_sweep(
     for tag, fields in sweeps.items():
         if (run / f"{sweep_file_name(tag)}.json").is_file():
             continue
-        fields = {"seed": cfg.seed, "calibration_size": calibration_size, **fields}
-        sweep_run(run, SweepConfig(sparsities=tuple(sparsities), **fields), tag=tag)
+        fields = {"seed": cfg.seed, "calibration_size": calibration_size,
+                  "sparsities": sparsities, **fields}  # fmt: skip
+        fields["sparsities"] = tuple(fields["sparsities"])
+        sweep_run(run, SweepConfig(**fields), tag=tag)
     return run_dir
 
 

@@ -32,7 +32,6 @@ from torch import nn
 
 from .. import _io
 from .config import TrainConfig
-from .runner import SUMMARY_FILE
 
 CHANNEL_SPARSITIES = (0.0, 0.25, 0.5, 0.75)
 K_FRAC = 0.25  # the channel set's K = round(k_frac · units) per layer
@@ -185,34 +184,12 @@ def latency_levels(run_dir: str | Path, out_file: str | Path) -> str:
 # ---------------------------------------------------------------- the grid
 
 
-def train_and_sweep_structured(
-    cfg_dict: dict[str, Any], run_dir: str, sweeps: dict[str, dict[str, Any]],
-    calibration_size: int,
-) -> str:  # fmt: skip
-    """Train a run (resuming if cut), then write ``sweep-<tag>.json`` per entry of ``sweeps``
-    (tag -> :class:`~sfwprune.experiments.sweep.SweepConfig` fields), skipping those present."""
-    from .runner import train_run
-    from .sweep import SweepConfig, sweep_file_name, sweep_run
-
-    cfg = TrainConfig.from_dict(cfg_dict)
-    run = Path(run_dir)
-    if not (run / SUMMARY_FILE).is_file():
-        train_run(cfg, run, resume="auto", quiet=True)
-    for tag, fields in sweeps.items():
-        if (run / f"{sweep_file_name(tag)}.json").is_file():
-            continue
-        fields = {"seed": cfg.seed, "calibration_size": calibration_size, **fields}
-        fields["sparsities"] = tuple(fields["sparsities"])
-        sweep_run(run, SweepConfig(**fields), tag=tag)
-    return run_dir
-
-
 def run_structured(
     sc: StructuredConfig, out_dir: str | Path, *, log: Callable[[str], None] = print
 ) -> Path:
     """Run (or finish) the structured grid into ``out_dir``; then time the shrunk models."""
     from .provenance import provenance
-    from .reproduce import _Grid, grid_revision, job_pool, run_dir_of
+    from .reproduce import _Grid, grid_revision, job_pool, run_dir_of, train_and_sweep
 
     sc.validate()
     out = Path(out_dir)
@@ -232,8 +209,8 @@ def run_structured(
                 for method in METHODS:
                     cfg = sc.train_config(model, method, seed)
                     run = run_dir_of(out, model, method, seed)
-                    grid.submit(f"{model}/{method}/seed{seed}", train_and_sweep_structured,
-                                cfg.to_dict(), str(run), SWEEPS, sc.calibration_size)  # fmt: skip
+                    grid.submit(f"{model}/{method}/seed{seed}", train_and_sweep,
+                                cfg.to_dict(), str(run), [], SWEEPS, sc.calibration_size)  # fmt: skip
         grid.wait()
     # Latency after training, in this process alone: no grid worker shares the core then.
     for model in sc.models:

@@ -62,6 +62,17 @@ def check_options(
         raise ValueError(f"Invalid generator: {generator!r} (expected a torch.Generator or None)")
 
 
+@torch.no_grad()
+def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Zero the pruned entries (``mask == False``) of the named parameters, in place; a name
+    that is not a parameter of ``model`` raises."""
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        if name not in params:
+            raise ValueError(f"Invalid mask: no parameter {name!r} in the model")
+        params[name].masked_fill_(~keep.to(params[name].device), 0)
+
+
 def prunable_parameters(model: nn.Module, include: str = "weights") -> list[tuple[str, Tensor]]:
     """The ``(name, parameter)`` pairs that pruning ranks, in ``named_parameters`` order.
 
@@ -287,9 +298,7 @@ def prune_(
         calibration = check_calibration(model, calibration)
     dense = copy.deepcopy(model) if reconstruct else None
     if structure is not None:
-        params = dict(model.named_parameters())
-        for name, keep in masks.items():
-            params[name].masked_fill_(~keep, 0)
+        apply_masks_(model, masks)
     else:
         params_list = [p for _, p in named]
         scores = flat_scores(

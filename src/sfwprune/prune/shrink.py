@@ -33,7 +33,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from .structured import Space, apply_masks_, channel_spaces
+from .masks import apply_masks_
+from .structured import Space, channel_spaces
 
 Tensor = torch.Tensor
 

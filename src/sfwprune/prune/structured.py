@@ -299,24 +299,6 @@ def structured_masks(
     return _n_m_masks(model, n, m, indivisible)
 
 
-@torch.no_grad()
-def prune_structured_(
-    model: nn.Module,
-    sparsity: float | None = None,
-    structure: str = "channel",
-    *,
-    scope: str = "global",
-    indivisible: str = "error",
-    norm: int = 2,
-) -> dict[str, Tensor]:
-    """Zero what :func:`structured_masks` drops, in place; return the masks."""
-    masks = structured_masks(
-        model, sparsity, structure, scope=scope, indivisible=indivisible, norm=norm
-    )
-    apply_masks_(model, masks)
-    return masks
-
-
 def structure_masks(
     model: nn.Module,
     sparsity: float | None,
@@ -365,13 +347,3 @@ def measured_sparsity(model: nn.Module, masks: dict[str, Tensor], structure: str
         zero = [(w == 0).flatten() for w in weights]
     total = sum(z.numel() for z in zero)
     return sum(int(z.sum()) for z in zero) / total if total else 0.0
-
-
-@torch.no_grad()
-def apply_masks_(model: nn.Module, masks: dict[str, Tensor]) -> None:
-    """``p *= mask`` for every named parameter with a mask; an unknown name raises."""
-    params = dict(model.named_parameters())
-    for name, keep in masks.items():
-        if name not in params:
-            raise ValueError(f"Invalid mask: no parameter {name!r} in the model")
-        params[name].masked_fill_(~keep.to(params[name].device), 0)

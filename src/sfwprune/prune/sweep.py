@@ -23,6 +23,7 @@ from torch import nn
 
 from .bn import batchnorm_modules, recalibrate_bn
 from .masks import (
+    apply_masks_,
     calibration_norms,
     check_options,
     check_sparsity,
@@ -34,7 +35,7 @@ from .masks import (
     split_masks,
 )
 from .reconstruct import check_calibration, reconstruct_
-from .structured import apply_masks_, measured_sparsity, structure_masks
+from .structured import measured_sparsity, structure_masks
 
 Tensor = torch.Tensor
 
