@@ -59,7 +59,7 @@ class ConstraintSet(ABC):
     """A convex set in ``R^n``, applied to a tensor of ``n`` elements (any shape).
 
     Subclasses define ``kind`` (the name used in optimizer param groups), ``lmo``,
-    ``l2_diameter``, ``contains`` and ``shift_inside``.
+    ``l2_diameter`` and ``scale_factor`` (the gauge); ``contains`` and ``shift_inside`` follow.
     """
 
     kind: str = ""
@@ -74,9 +74,11 @@ class ConstraintSet(ABC):
     def l2_diameter(self) -> float:
         """``max_{x, y ∈ C} ||x - y||_2``."""
 
-    @abstractmethod
     def contains(self, x: Tensor, atol: float = 1e-6) -> bool:
-        """Whether ``x`` lies in the set, up to a tolerance ``atol`` relative to the set's size."""
+        """Whether ``x`` lies in the set, up to a tolerance ``atol`` relative to the set's size:
+        its gauge :meth:`scale_factor` is at most ``1 + atol``."""
+        self._check_numel(x)
+        return bool(self.scale_factor(x) <= 1.0 + atol)
 
     @abstractmethod
     def scale_factor(self, x: Tensor) -> Tensor:

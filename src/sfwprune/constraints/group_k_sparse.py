@@ -92,10 +92,6 @@ class GroupKSparsePolytope(ConstraintSet):
         r = self.group_norms(x)
         return torch.maximum(r.max() / self.radius, r.sum() / (self.k * self.radius))
 
-    def contains(self, x: Tensor, atol: float = 1e-6) -> bool:
-        self._check_numel(x)
-        return bool(self.scale_factor(x) <= 1.0 + atol)
-
     def to_group(self) -> dict[str, Any]:
         return {
             **super().to_group(), "k": self.k, "group_size": self.group_size, "radius": self.radius

@@ -62,9 +62,5 @@ class KSparsePolytope(ConstraintSet):
             return torch.zeros((), dtype=x.dtype, device=x.device)
         return torch.maximum(x.max() / self.radius, x.sum() / (self.k * self.radius))
 
-    def contains(self, x: Tensor, atol: float = 1e-6) -> bool:
-        self._check_numel(x)
-        return bool(self.scale_factor(x) <= 1.0 + atol)
-
     def to_group(self) -> dict[str, Any]:
         return {**super().to_group(), "k": self.k, "radius": self.radius}

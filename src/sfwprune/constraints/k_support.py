@@ -87,9 +87,5 @@ class KSupportNormBall(ConstraintSet):
     def scale_factor(self, x: Tensor) -> Tensor:
         return k_support_norm(x, self.k) / self.radius
 
-    def contains(self, x: Tensor, atol: float = 1e-6) -> bool:
-        self._check_numel(x)
-        return bool(self.scale_factor(x) <= 1.0 + atol)
-
     def to_group(self) -> dict[str, Any]:
         return {**super().to_group(), "k": self.k, "radius": self.radius}

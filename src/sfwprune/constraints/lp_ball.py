@@ -96,9 +96,5 @@ class LpBall(ConstraintSet):
         x = x.detach().reshape(-1)
         return torch.linalg.vector_norm(x, ord=self.p) / self.radius
 
-    def contains(self, x: Tensor, atol: float = 1e-6) -> bool:
-        self._check_numel(x)
-        return bool(self.scale_factor(x) <= 1.0 + atol)
-
     def to_group(self) -> dict[str, Any]:
         return {**super().to_group(), "p": self.p, "radius": self.radius}

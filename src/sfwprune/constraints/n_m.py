@@ -91,10 +91,6 @@ class NMSparsePolytope(ConstraintSet):
         a = x.detach().reshape(-1, self.group_size).abs()
         return torch.maximum(a.max() / self.radius, a.sum(dim=1).max() / (self.k * self.radius))
 
-    def contains(self, x: Tensor, atol: float = 1e-6) -> bool:
-        self._check_numel(x)
-        return bool(self.scale_factor(x) <= 1.0 + atol)
-
     def to_group(self) -> dict[str, Any]:
         return {
             **super().to_group(), "k": self.k, "group_size": self.group_size, "radius": self.radius
