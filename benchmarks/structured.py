@@ -17,12 +17,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 from torch import nn
 
+from sfwprune.experiments.structured import measure_latency
 from sfwprune.models import build_model
 from sfwprune.prune.shrink import shrink
 from sfwprune.prune.structured import structured_masks
@@ -44,30 +44,6 @@ def variants(name: str) -> dict[str, nn.Module]:
     return out
 
 
-@torch.inference_mode()
-def time_interleaved(
-    models: dict[str, nn.Module], x: torch.Tensor, rounds: int, warmup: bool
-) -> dict:
-    if warmup:
-        for m in models.values():
-            m(x)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for key, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[key].append(time.perf_counter() - t0)
-    dense = statistics.median(times["dense"])
-    return {
-        key: {
-            "median_ms": round(1e3 * statistics.median(t), 3),
-            "speedup": round(dense / statistics.median(t), 2),
-            "rounds": len(t),
-        }
-        for key, t in times.items()
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few rounds, batch 256 skipped")
@@ -85,9 +61,16 @@ def main() -> None:
                 # A dense VGG-16 / ResNet-18 call at batch 256 is ~10-20 s on one thread: a few
                 # rounds, and that call is its own warm-up.
                 rounds = {"lenet5": 30, "vgg16": 3, "resnet18": 3}[name]
-            x = torch.randn(batch, *MODELS[name], generator=torch.Generator().manual_seed(0))
-            warmup = batch == 1 or name == "lenet5"
-            entry[f"batch_{batch}"] = time_interleaved(models, x, rounds, warmup)
+            torch.manual_seed(0)  # the input
+            timed = measure_latency(
+                models, MODELS[name], batch=batch, rounds=rounds,
+                warmup=batch == 1 or name == "lenet5",
+            )  # fmt: skip
+            entry[f"batch_{batch}"] = {
+                k: {"median_ms": round(v["median_ms"], 3), "speedup": round(v["speedup"], 2),
+                    "rounds": v["rounds"]}
+                for k, v in timed.items()
+            }  # fmt: skip
         results[name] = entry
     report = {
         "benchmark": "structured",

@@ -114,7 +114,12 @@ class StructuredConfig:
 
 @torch.inference_mode()
 def measure_latency(
-    models: dict[str, nn.Module], input_shape, *, batch: int = 1, rounds: int = 100
+    models: dict[str, nn.Module],
+    input_shape,
+    *,
+    batch: int = 1,
+    rounds: int = 100,
+    warmup: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Median CPU forward time of each model on one ``(batch, *input_shape)`` input.
 
@@ -124,7 +129,9 @@ def measure_latency(
     """
     x = torch.randn(batch, *input_shape)
     for m in models.values():
-        m.eval()(x)
+        m.eval()
+        if warmup:  # off where one call takes seconds (it is then its own warm-up)
+            m(x)
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for key, m in models.items():
