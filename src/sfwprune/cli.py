@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-recalibrate", action="store_true", help="recompute BN stats per level")
     p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
     p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
+    p.add_argument(
+        "--gradual", action="store_true",
+        help="with --reconstruct: levels in increasing order, each pruning on from the previous "
+        "level's reconstructed weights",
+    )  # fmt: skip
     p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
@@ -232,7 +237,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         sparsities=tuple(args.sparsities or levels), scope=args.scope,
         include=args.include, criterion=args.criterion, bn_recalibrate=args.bn_recalibrate,
         seed=args.seed, reconstruct=args.reconstruct, calibration_size=args.calibration_size,
-        **structured,
+        gradual=args.gradual, **structured,
     ).validate()  # fmt: skip
     result = sweep_run(args.run_dir, sweep, tag=args.tag, allow_partial=args.allow_partial)
     if not result["run"]["finished"]:

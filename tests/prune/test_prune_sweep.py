@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sfwprune.prune.sweep as sweep_module
-from sfwprune.prune import prune_, recalibrate_bn, sparsity_sweep
+from sfwprune.prune import prune_, recalibrate_bn, reconstruct_, sparsity_sweep
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -193,3 +194,68 @@ def test_reconstructed_sweep_errors_change_nothing(lenet300):
         with pytest.raises(ValueError, match=match):
             sparsity_sweep(lenet300, ok, [0.5], calibration=calibration, reconstruct=True)
     assert_bit_identical(lenet300, state)
+
+
+def test_gradual_sweep_prunes_on_from_the_previous_reconstructed_level(make_convbn):
+    model = make_convbn()
+    model.train()
+    x, y = data()
+    calibration = [(data(s)[0], torch.zeros(16)) for s in (1, 2)]
+    state = snapshot(model)
+    seen = []
+
+    def evaluate(m):
+        seen.append(snapshot(m))
+        return evaluate_on(x, y)(m)
+
+    # given out of order: run in increasing order, rows returned in the order given
+    rows = sparsity_sweep(
+        model, evaluate, [0.9, 0.5], calibration=calibration, reconstruct=True, gradual=True
+    )
+    assert [r["sparsity"] for r in rows] == [0.9, 0.5]
+    assert_bit_identical(model, state)
+    assert all(m.training for m in model.modules())
+    # first level: plain prune_ + reconstruction
+    ref = make_convbn()
+    first = prune_(ref, 0.5, calibration=calibration, reconstruct=True)
+    assert_bit_identical(ref, seen[0])
+    # second: rank the reconstructed weights (pruned ones first), reconstruct against the dense net
+    second = prune_(copy.deepcopy(ref), 0.9)
+    for name, keep in second.items():
+        assert not (keep & ~first[name]).any(), name  # nested
+    reconstruct_(ref, second, calibration, dense=make_convbn())
+    assert_bit_identical(ref, seen[1])
+    # not what the plain sweep gives at 0.9
+    plain = make_convbn()
+    prune_(plain, 0.9, calibration=calibration, reconstruct=True)
+    assert any(not torch.equal(v, seen[1][k]) for k, v in snapshot(plain).items())
+
+
+def test_gradual_keeps_pruned_entries_pruned_even_if_kept_weights_are_zero(lenet300):
+    named = [(n, p) for n, p in lenet300.named_parameters() if p.dim() > 1]
+    keep = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) > 0.3
+            for n, p in named}  # fmt: skip
+    with torch.no_grad():
+        for n, p in named:
+            p[~keep[n]] = 0.5  # large weights, yet pruned before
+            p[keep[n] & (torch.arange(p.numel()).view(p.shape) % 7 == 0)] = 0.0  # kept zeros
+    ranking = sweep_module.Ranking(lenet300, keep=keep)
+    pruned_before = sum(int((~k).sum()) for k in keep.values())
+    n = sum(p.numel() for _, p in named)
+    masks = ranking.masks(pruned_before / n + 0.01)
+    for name, k in keep.items():
+        assert not (masks[name] & ~k).any()
+
+
+def test_gradual_needs_unstructured_reconstruction(lenet300):
+    ok = lambda m: {"accuracy": 1.0, "loss": 0.0}  # noqa: E731
+    calibration = [torch.randn(4, 1, 28, 28)]
+    with pytest.raises(ValueError, match="Invalid gradual"):
+        sparsity_sweep(lenet300, ok, [0.5], gradual=True)
+    with pytest.raises(ValueError, match="Invalid gradual"):
+        sparsity_sweep(
+            lenet300, ok, [0.5], calibration=calibration, reconstruct=True, gradual=True,
+            structure="channel",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="Invalid gradual"):
+        sparsity_sweep(lenet300, ok, [0.5], calibration=calibration, reconstruct=True, gradual=1)

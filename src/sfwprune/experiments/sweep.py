@@ -47,6 +47,7 @@ class SweepConfig:
     # calibrated one-shot pruning (docs/algorithm.md §6): re-solve the kept weights per level
     reconstruct: bool = False
     calibration_size: int = 2048  # training images (no labels used), fixed seed CALIBRATION_SEED
+    gradual: bool = False  # reconstruct only: levels in increasing order, each from the previous
     # structured pruning (docs/algorithm.md §7): None (unstructured), "channel" or "N:M"
     structure: str | None = None
     norm: int = 2  # channel: rank units by their L1 (1, Li et al. 2017) or L2 (2) row norm
@@ -139,7 +140,7 @@ def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, 
         model, lambda m: evaluate(m, evaluator, precision=cfg.precision), list(sweep.sparsities),
         bn_batches=bn_batches, scope=sweep.scope, include=sweep.include,
         criterion=sweep.criterion, generator=generator, calibration=calibration,
-        reconstruct=sweep.reconstruct, **structured,
+        reconstruct=sweep.reconstruct, gradual=sweep.gradual, **structured,
     )  # fmt: skip
 
 

@@ -4,6 +4,9 @@ The entries are ranked once (a stable argsort of the scores per ranked set); lev
 the first ``round(s·N)`` of that order, which is the mask :func:`prune_` would give. Between
 levels the ranked tensors (and BatchNorm buffers) are restored from one saved copy, so memory is
 one copy of the pruned tensors, not one model per level, and the model ends bit-identical.
+With ``gradual=True`` (reconstruction only) the levels instead form one schedule: taken in
+increasing order, each level re-ranks the previous level's reconstructed weights and prunes on
+from there (gradual one-shot pruning at the cost of one reconstruction per level).
 With ``reconstruct=True`` the saved copy covers every parameter and buffer, and one dense copy of
 the model is the reconstruction target of every level. With a ``structure`` (``"channel"``,
 ``"N:M"``) every level's masks come from :func:`~sfwprune.prune.structured.structured_masks` on the
@@ -44,7 +47,9 @@ class Ranking:
     """A single ranking of a model's prunable entries, giving keep masks for any sparsity.
 
     Args and ordering are those of :func:`prune_`; ``Ranking(model, ...).masks(s)`` equals the
-    masks ``prune_(model, s, ...)`` returns on the same weights.
+    masks ``prune_(model, s, ...)`` returns on the same weights. ``keep``: ``{name: bool mask}``
+    whose ``False`` entries rank first (below every score, in index order), so the masks of any
+    sparsity that prunes at least as many entries are nested in it.
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class Ranking:
         include: str = "weights",
         generator: torch.Generator | None = None,
         calibration: Iterable[Any] | None = None,
+        keep: Mapping[str, Tensor] | None = None,
     ):
         check_options(scope, criterion, include, generator)
         self.named = prunable_parameters(model, include)
@@ -63,6 +69,11 @@ class Ranking:
         self.numel = sum(p.numel() for p in self.params)
         norms = calibration_norms(model, criterion, calibration)
         scores = flat_scores(self.named, criterion, generator, norms)
+        if keep is not None:
+            scores = [
+                torch.where(keep[name].reshape(-1).to(s.device), s, float("-inf"))
+                for (name, _), s in zip(self.named, scores, strict=True)
+            ]
         self.sets = ranked_sets(scope, len(self.params))
         # order[j]: flat indices of set j, least important first; ties by index (stable sort)
         self.orders = [
@@ -106,6 +117,7 @@ def sparsity_sweep(
     calibration: Iterable[Any] | None = None,
     reconstruct: bool = False,
     structure: str | None = None,
+    gradual: bool = False,
     progress: bool | None = None,
     **prune_kwargs: Any,
 ) -> list[dict[str, Any]]:
@@ -132,6 +144,12 @@ def sparsity_sweep(
         structure: ``None`` (unstructured), ``"channel"`` or ``"N:M"``, as for :func:`prune_`;
             every level's masks are computed on the model's weights before anything changes
             (those :func:`prune_` gives).
+        gradual: with ``reconstruct`` (unstructured only): run the levels in increasing order as
+            one schedule; each level ranks the previous level's reconstructed weights (its pruned
+            entries stay pruned, Wanda's norms are re-measured), prunes up to its own sparsity and
+            reconstructs against the dense model. The first level ranks the dense weights, as
+            without ``gradual``. Rows come back in the order given; a level's result depends on
+            the smaller levels of the sweep. Cost per level: one reconstruction, as without it.
         progress: a tqdm bar over the levels (shown after 2 s); ``None``: when ``reconstruct``
             and stderr is a terminal.
         **prune_kwargs: ``scope``, ``criterion``, ``include``, ``generator``, and with a
@@ -160,6 +178,12 @@ def sparsity_sweep(
         )
     if not callable(evaluate):
         raise ValueError(f"Invalid evaluate: {evaluate!r} (expected model -> dict)")
+    if not isinstance(gradual, bool):
+        raise ValueError(f"Invalid gradual: {gradual!r} (expected True or False)")
+    if gradual and (not reconstruct or structure is not None):
+        raise ValueError(
+            "Invalid gradual: True (needs reconstruct=True and unstructured pruning, structure=None)"
+        )
     level_masks: list[dict[str, Tensor]] | None = None
     if structure is not None:
         kwargs = dict(prune_kwargs)
@@ -186,16 +210,25 @@ def sparsity_sweep(
     flags = [(m, m.training) for m in model.modules()]
     if progress is None:
         progress = reconstruct and sys.stderr.isatty()
-    rows = []
+    rows: list[dict[str, Any] | None] = [None] * len(levels)
+    schedule = list(range(len(levels)))
+    if gradual:
+        schedule.sort(key=lambda i: levels[i])
+    previous: dict[str, Tensor] | None = None
     try:
-        bar: Iterable[float] = levels
+        bar: Iterable[int] = schedule
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(levels, desc="sparsity sweep", unit="level", delay=2.0, leave=False)
-        for index, sparsity in enumerate(bar):
+            bar = tqdm(schedule, desc="sparsity sweep", unit="level", delay=2.0, leave=False)
+        for index in bar:
+            sparsity = levels[index]
             start = time.perf_counter()
-            _restore(saved)
+            if previous is not None:
+                # gradual: rank the previous level's reconstructed weights, its zeros pruned first
+                ranking = Ranking(model, calibration=calibration, keep=previous, **prune_kwargs)
+            else:
+                _restore(saved)
             if ranking is None:
                 assert level_masks is not None and structure is not None
                 masks = level_masks[index]
@@ -207,6 +240,8 @@ def sparsity_sweep(
                         p.masked_fill_(~keep, 0)
             if chunks is not None:
                 reconstruct_(model, masks, chunks, dense=dense)
+                if gradual:
+                    previous = masks
             if ranking is None:
                 measured = measured_sparsity(model, masks, structure)
             else:
@@ -230,9 +265,9 @@ def sparsity_sweep(
                 "seconds": seconds,
             }
             row.update({k: v for k, v in metrics.items() if k not in row})
-            rows.append(row)
+            rows[index] = row
     finally:
         _restore(saved)
         for m, training in flags:
             m.training = training
-    return rows
+    return [row for row in rows if row is not None]
