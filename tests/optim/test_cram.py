@@ -25,9 +25,10 @@ def _grad(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x @ w.T - y).T @ x
 
 
+@pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("plus", [False, True])
-def test_one_step_matches_hand_computation(plus, normalize):
+def test_one_step_matches_hand_computation(plus, normalize, sparse_grad):
     torch.manual_seed(0)
     model = nn.Linear(4, 1, bias=False).double()
     w0 = torch.tensor([[0.5, -0.2, 0.05, 1.0]], dtype=torch.float64)
@@ -35,8 +36,9 @@ def test_one_step_matches_hand_computation(plus, normalize):
     x = torch.randn(8, 4, dtype=torch.float64)
     y = torch.randn(8, 1, dtype=torch.float64)
     opt = CrAM(
-        model.parameters(), lr=0.1, rho=0.05, sparsities=(0.5,), plus=plus, normalize=normalize
-    )
+        model.parameters(), lr=0.1, rho=0.05, sparsities=(0.5,), plus=plus, normalize=normalize,
+        sparse_grad=sparse_grad,
+    )  # fmt: skip
     closure = _quadratic_closure(model, x, y, opt)
     closure()
     opt.step(closure)
@@ -46,9 +48,19 @@ def test_one_step_matches_hand_computation(plus, normalize):
     keep = torch.zeros_like(perturbed, dtype=torch.bool)
     keep[0, perturbed.abs()[0].argsort(descending=True)[:2]] = True  # top-2 of 4 = 50% sparsity
     g_c = _grad(perturbed * keep, x, y)
+    if sparse_grad:  # the compressed point's gradient reaches only the entries it kept
+        g_c = g_c * keep
+    assert (g_c[~keep] == 0).all() == sparse_grad  # the case is not degenerate
     direction = g_c + g if plus else g_c
     torch.testing.assert_close(model.weight.data, w0 - 0.1 * direction)
     assert opt.last_sparsity == 0.5
+
+
+def test_defaults_follow_the_official_code():
+    # IST-DASLab/CrAM TopkCrAM as configured in its published runs: unnormalized ρ·g, the
+    # compressed-point gradient masked to the kept entries, CrAM+.
+    opt = CrAM(nn.Linear(3, 2).parameters(), lr=0.1)
+    assert (opt.rho, opt.normalize, opt.sparse_grad, opt.plus) == (0.05, False, True, True)
 
 
 def test_returns_loss_at_dense_weights_and_momentum_state_round_trips():
