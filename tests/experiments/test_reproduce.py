@@ -24,6 +24,7 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
             assert (run / "summary.json").is_file() and (run / "sweep-layer.json").is_file()
             recon = json.loads((run / "sweep-recon.json").read_text())
             assert recon["config"]["sweep"]["reconstruct"] is True
+            assert recon["config"]["sweep"]["gradual"] is True  # the grid's levels, one schedule
             assert recon["config"]["sweep"]["calibration_size"] == 2048
             assert all(r["seconds"] > 0 for r in recon["rows"])
     for tag in ("random", "wanda", "wanda-recon"):
@@ -64,7 +65,7 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
     for label in ("1. SGD + magnitude", "3. SGD + magnitude + fine-tune",
                   "4. SGD + magnitude + reconstruction", "8. SFW + reconstruction", "13. CrAM+",
                   "15. AC/DC", "17. SFW fed the CrAM+ gradient", "How it was measured",
-                  "Best row per sparsity"):  # fmt: skip
+                  "Best row per sparsity", "reaching the top level costs"):  # fmt: skip
         assert label in text
     assert (tmp_path / "docs" / "repro_lenet300.png").is_file()
     assert (tmp_path / "docs" / "weights_lenet300.png").is_file()

@@ -53,7 +53,9 @@ TRAINED_METHODS: dict[str, dict[str, Any]] = {
 SWEEPS: dict[str | None, dict[str, Any]] = {
     None: {},
     "layer": {"scope": "layer"},
-    "recon": {"reconstruct": True},
+    # gradual: the grid's levels form one schedule (each level prunes on from the previous
+    # level's reconstructed weights); the report adds the cumulative cost of that schedule
+    "recon": {"reconstruct": True, "gradual": True},
 }
 SGD_SWEEPS: dict[str | None, dict[str, Any]] = {
     "random": {"criterion": "random"},
