@@ -80,6 +80,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "k_frac": 0.1,
         "schedule": "cosine",
     },
+    # weights only ("_w"): biases unconstrained. With every tensor constrained, a bias of fewer
+    # than k_min entries lives in a hypercube and can jump to -radius in one step (a dead LeNet-5
+    # seed of each of the two variants above in the 90b563b grid, stuck at 10% from epoch 1).
+    "kf0.01_v30_cos_w": {"optimizer": "sfw", "k_frac": 0.01, "radius_scale": 30.0,
+                         "schedule": "cosine", "constrained_tensors": "weights"},
+    "ksup_kf0.1_v15_cos_w": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
+                             "schedule": "cosine", "constrained_tensors": "weights"},
 }
 # fmt: on
 SCOPES = ("global", "layer")
