@@ -46,6 +46,33 @@ def test_lr_factor_schedules() -> None:
         lr_factor("linear", 0, 10)
 
 
+def test_lr_factor_warmup_scales_the_schedule_linearly_then_stops() -> None:
+    assert [lr_factor("constant", s, 100, 4) for s in (0, 1, 2, 3, 4, 50)] == pytest.approx(
+        [0.25, 0.5, 0.75, 1, 1, 1]
+    )
+    # multiplies the schedule: cosine at step 1 of 10 is 0.976, times 2/4
+    assert lr_factor("cosine", 1, 10, 4) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi / 10)))
+    assert lr_factor("step", 50, 90, 4) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="Invalid warmup_steps: -1"):
+        lr_factor("step", 0, 10, -1)
+
+
+def test_warmup_scheduler_survives_a_state_dict_round_trip() -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = build_scheduler(opt, "step", 30, warmup_steps=5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.02)
+    for _ in range(2):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD(_model().parameters(), lr=0.1)
+    sched2 = build_scheduler(opt2, "step", 30, warmup_steps=5)
+    sched2.load_state_dict(sched.state_dict())
+    opt2.step()
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.08)
+
+
 def test_build_optimizer_defaults() -> None:
     sfw = build_optimizer(_model(), OptimizerSpec("sfw"))
     assert isinstance(sfw, SFW)

@@ -124,34 +124,42 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimi
     )  # fmt: skip
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
-    """Multiplier of the base lr after ``step`` of ``total_steps`` optimizer steps."""
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr after ``step`` of ``total_steps`` optimizer steps; the first
+    ``warmup_steps`` steps scale it linearly up from ``1/warmup_steps`` (a linear warm-up)."""
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (expected an integer >= 0)")
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     if schedule == "constant":
-        return 1.0
+        return warm
     t = min(step, total_steps) / max(total_steps, 1)
     if schedule == "step":
-        return 0.1 ** ((t >= 1 / 3) + (t >= 2 / 3))
+        return warm * 0.1 ** ((t >= 1 / 3) + (t >= 2 / 3))
     if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * t))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * t))
     raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {', '.join(SCHEDULES)})")
 
 
 class _Factor:
     """Picklable lr lambda (LambdaLR keeps non-function lambdas in its state_dict)."""
 
-    def __init__(self, schedule: str, total_steps: int):
-        lr_factor(schedule, 0, total_steps)  # validates
-        self.schedule, self.total_steps = schedule, total_steps
+    def __init__(self, schedule: str, total_steps: int, warmup_steps: int = 0):
+        lr_factor(schedule, 0, total_steps, warmup_steps)  # validates
+        self.schedule, self.total_steps, self.warmup_steps = schedule, total_steps, warmup_steps
 
     def __call__(self, step: int) -> float:
-        return lr_factor(self.schedule, step, self.total_steps)
+        warmup = getattr(self, "warmup_steps", 0)  # pickled before warm-up existed
+        return lr_factor(self.schedule, step, self.total_steps, warmup)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int
+    optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` following ``schedule``."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Factor(schedule, total_steps))
+    """A per-step :class:`~torch.optim.lr_scheduler.LambdaLR` following ``schedule``, after a
+    linear warm-up over the first ``warmup_steps`` steps."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _Factor(schedule, total_steps, warmup_steps)
+    )
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

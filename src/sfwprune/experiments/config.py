@@ -38,6 +38,8 @@ class TrainConfig:
     batch_size: int = option(128, "global batch size (split over torchrun ranks)", low=1)
     schedule: str = option("step", "per-step lr schedule: step (÷10 at 1/3 and 2/3), cosine "
                            "or constant", choices=SCHEDULES)  # fmt: skip
+    warmup_epochs: float = option(0.0, "linear lr warm-up over the first N epochs (may be "
+                                  "fractional), multiplying the schedule", low=0)  # fmt: skip
     label_smoothing: float = option(0.0, "cross-entropy label smoothing", low=0, high=1)
     acdc_sparsity: float | None = option(
         None, "AC/DC: alternate dense and fixed-mask sparse phases at this sparsity "

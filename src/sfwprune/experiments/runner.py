@@ -500,7 +500,8 @@ def _train_run(
     shard = {"rank": ctx.rank, "world_size": ctx.world_size, "channels_last": channels_last}
     loader = train_loader(cfg, data, device, **shard)
     evaluator = test_loader(cfg, data, device, **shard)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * len(loader))
+    warmup = round(cfg.warmup_epochs * len(loader))
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.epochs * len(loader), warmup)
     init_info: dict[str, Any] | None = None
     start_epoch = 0
     metrics: list[dict[str, Any]] = []
