@@ -4,20 +4,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sfwprune.constraints import constraint_groups
+from sfwprune.constraints import constraint_from_group, constraint_groups
 from sfwprune.optim import SFW
 from sfwprune.optim.cram import CrAM
 
 
-def _quadratic_closure(model: nn.Linear, x: torch.Tensor, y: torch.Tensor, opt):
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+def _closure(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, loss_fn=F.cross_entropy):
+    """A closure for ``opt.step``: ``loss_fn(model(x), y)``, then its backward."""
+
     def closure():
-        loss = 0.5 * ((model(x) - y) ** 2).sum()
+        loss = loss_fn(model(x), y)
         loss.backward()
         return loss
 
     return closure
+
+
+def _step(opt: CrAM, closure) -> torch.Tensor:
+    """One step as a training loop takes it: the gradient at the dense weights, then CrAM."""
+    opt.zero_grad()
+    loss = closure()
+    opt.step(closure)
+    return loss
+
+
+def _half_squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((out - y) ** 2).sum()
 
 
 def _grad(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -39,9 +58,7 @@ def test_one_step_matches_hand_computation(plus, normalize, sparse_grad):
         model.parameters(), lr=0.1, rho=0.05, sparsities=(0.5,), plus=plus, normalize=normalize,
         sparse_grad=sparse_grad,
     )  # fmt: skip
-    closure = _quadratic_closure(model, x, y, opt)
-    closure()
-    opt.step(closure)
+    _step(opt, _closure(model, x, y, _half_squared_error))
 
     g = _grad(w0, x, y)
     perturbed = w0 + 0.05 * (g / g.norm() if normalize else g)
@@ -65,24 +82,14 @@ def test_defaults_follow_the_official_code():
 
 def test_returns_loss_at_dense_weights_and_momentum_state_round_trips():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = _mlp(6, 5, 3)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     opt = CrAM(model.parameters(), lr=0.1, momentum=0.9, rho=0.05)
-
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    def step():
-        opt.zero_grad()
-        loss = closure()
-        opt.step(closure)
-        return loss
+    closure = _closure(model, x, y)
 
     with torch.no_grad():
-        dense = nn.functional.cross_entropy(model(x), y)
-    loss = step()
+        dense = F.cross_entropy(model(x), y)
+    loss = _step(opt, closure)
     assert float(loss.detach()) == pytest.approx(float(dense))
     assert all(p.abs().sum() > 0 for p in model.parameters())  # dense weights restored
     state = opt.state_dict()
@@ -93,53 +100,31 @@ def test_returns_loss_at_dense_weights_and_momentum_state_round_trips():
 
 def test_loss_goes_down_and_scheduler_sees_the_groups():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 2))
+    model = _mlp(10, 16, 2)
     x = torch.randn(64, 10)
     y = (x[:, 0] > 0).long()
     opt = CrAM(model.parameters(), lr=0.2, momentum=0.9, sparsities=(0.5, 0.7))
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    closure = _closure(model, x, y)
 
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    def step():
-        opt.zero_grad()
-        loss = closure()
-        opt.step(closure)
-        return loss
-
-    first = float(step().detach())
+    first = float(_step(opt, closure).detach())
     for _ in range(30):
-        step()
+        _step(opt, closure)
         sched.step()
-    assert float(step().detach()) < 0.5 * first
+    assert float(_step(opt, closure).detach()) < 0.5 * first
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5**3)
 
 
 def test_sfw_as_base_optimizer_stays_feasible():
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    model = _mlp(8, 8, 2)
     groups = constraint_groups(model)
     opt = CrAM(groups, SFW, lr=1.0, momentum=0.9, rho=0.05)
     x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
-
-    def closure():
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    def step():
-        opt.zero_grad()
-        loss = closure()
-        opt.step(closure)
-        return loss
+    closure = _closure(model, x, y)
 
     for _ in range(5):
-        step()
-    from sfwprune.constraints import constraint_from_group
-
+        _step(opt, closure)
     for group in opt.param_groups:
         for p in group["params"]:
             assert constraint_from_group(group, p.numel()).contains(p.detach().reshape(-1))
@@ -151,18 +136,10 @@ def test_draws_are_seeded():
     for _ in range(2):
         gen = torch.Generator().manual_seed(7)
         opt = CrAM(model.parameters(), lr=0.0, sparsities=(0.1, 0.5, 0.9), generator=gen)
-        x = torch.randn(4, 5)
-
-        def closure(x=x):
-            loss = model(x).sum()
-            loss.backward()
-            return loss
-
+        closure = _closure(model, torch.randn(4, 5), None, lambda out, _: out.sum())
         seq = []
         for _ in range(6):
-            opt.zero_grad()
-            closure()
-            opt.step(closure)
+            _step(opt, closure)
             seq.append(opt.last_sparsity)
         draws.append(seq)
     assert draws[0] == draws[1]
