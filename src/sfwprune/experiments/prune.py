@@ -82,6 +82,7 @@ def prune_run(
     from ..prune import (
         format_report,
         load_pruned,
+        needs_calibration,
         prune_,
         recalibrate_bn,
         save_pruned,
@@ -107,7 +108,7 @@ def prune_run(
     cfg, model, data = run.config, run.model, run.data
     device = next(model.parameters()).device
     calibration = None
-    if reconstruct or criterion == "wanda":
+    if needs_calibration(criterion, reconstruct):
         calibration = calibration_images(cfg, data, device, calibration_size)
     if structure is not None:
         dense = copy.deepcopy(model).eval()

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import _io
-from ..prune import sparsity_sweep
+from ..prune import needs_calibration, sparsity_sweep
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES
 from ..train import evaluate
 from .config import DEFAULT_SPARSITIES
@@ -98,11 +100,13 @@ class SweepConfig:
         return self
 
 
-def calibration_batches(cfg, data, device, count: int) -> list:
-    """``count`` training batches without augmentation, for BatchNorm recalibration."""
-    loader = train_loader(cfg, data, device, seed=cfg.seed + 1)
+def calibration_batches(cfg, data, device, count: int, *, seed: int | None = None) -> list:
+    """The first ``count`` ``(x, y)`` batches of the training loader without augmentation,
+    shuffled by ``seed`` (default ``cfg.seed + 1``): the inputs of BatchNorm recalibration, and
+    the batches :func:`calibration_images` cuts its images from."""
+    loader = train_loader(cfg, data, device, seed=cfg.seed + 1 if seed is None else seed)
     loader.augment = False
-    return [b for _, b in zip(range(count), loader)]
+    return list(itertools.islice(loader, count))
 
 
 CALIBRATION_SEED = 12345  # one fixed draw of calibration images for every run and level
@@ -111,14 +115,13 @@ CALIBRATION_SEED = 12345  # one fixed draw of calibration images for every run a
 def calibration_images(cfg, data, device, count: int) -> list:
     """``count`` training images (a fixed seeded draw, no augmentation, labels dropped): the
     calibration set of ``criterion="wanda"`` and of reconstruction."""
-    loader = train_loader(cfg, data, device, seed=CALIBRATION_SEED)
-    loader.augment = False
+    # every batch but an epoch's last holds cfg.batch_size images, so this many cover ``count``
+    # (or the whole training set, if it is smaller)
+    batches = math.ceil(count / cfg.batch_size)
     out, have = [], 0
-    for x, _ in loader:
+    for x, _ in calibration_batches(cfg, data, device, batches, seed=CALIBRATION_SEED):
         out.append(x[: count - have])
         have += len(out[-1])
-        if have >= count:
-            break
     return out
 
 
@@ -129,7 +132,7 @@ def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, 
         calibration_batches(cfg, data, device, sweep.bn_batches) if sweep.bn_recalibrate else None
     )
     calibration = None
-    if sweep.reconstruct or sweep.criterion == "wanda":
+    if needs_calibration(sweep.criterion, sweep.reconstruct):
         calibration = calibration_images(cfg, data, device, sweep.calibration_size)
     generator = torch.Generator().manual_seed(sweep.seed)
     structured: dict[str, Any] = {}

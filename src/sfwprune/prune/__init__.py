@@ -4,7 +4,15 @@ set (§8); channel and N:M pruning, physically smaller models, 2:4 export (§9).
 
 from .bn import batchnorm_modules, recalibrate_bn
 from .export import load_pruned, save_pruned
-from .masks import CRITERIA, INCLUDES, SCOPES, check_sparsity, prunable_parameters, prune_
+from .masks import (
+    CRITERIA,
+    INCLUDES,
+    SCOPES,
+    check_sparsity,
+    needs_calibration,
+    prunable_parameters,
+    prune_,
+)
 from .reconstruct import reconstruct_
 from .report import format_report, sparsity_report
 from .semi_structured import SEMI_STRUCTURED_SHAPES, follows_n_m, semi_structured_state
@@ -26,6 +34,7 @@ __all__ = [
     "follows_n_m",
     "format_report",
     "load_pruned",
+    "needs_calibration",
     "prunable_parameters",
     "prune_",
     "recalibrate_bn",

@@ -31,6 +31,17 @@ CRITERIA = ("magnitude", "random", "wanda")
 INCLUDES = ("weights", "all")
 
 
+def needs_calibration(criterion: str, reconstruct: bool) -> bool:
+    """Whether pruning with these options reads calibration inputs: Wanda's feature norms
+    (``criterion="wanda"``) or layer-wise reconstruction (``reconstruct=True``).
+
+    Example:
+        >>> needs_calibration("magnitude", reconstruct=False), needs_calibration("wanda", False)
+        (False, True)
+    """
+    return reconstruct or criterion == "wanda"
+
+
 def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     """``sparsity`` as a float in ``[0, 1]`` (the fraction of zeros), else ``ValueError``."""
     if (
