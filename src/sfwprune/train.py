@@ -129,15 +129,16 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
     ``warmup_steps`` steps scale it linearly up from ``1/warmup_steps`` (a linear warm-up)."""
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (expected an integer >= 0)")
-    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    if schedule == "constant":
-        return warm
     t = min(step, total_steps) / max(total_steps, 1)
-    if schedule == "step":
-        return warm * 0.1 ** ((t >= 1 / 3) + (t >= 2 / 3))
-    if schedule == "cosine":
-        return warm * 0.5 * (1.0 + math.cos(math.pi * t))
-    raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {', '.join(SCHEDULES)})")
+    if schedule == "constant":
+        factor = 1.0
+    elif schedule == "step":
+        factor = 0.1 ** ((t >= 1 / 3) + (t >= 2 / 3))
+    elif schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * t))
+    else:
+        raise ValueError(f"Invalid schedule: {schedule!r} (expected one of {', '.join(SCHEDULES)})")
+    return factor * min(1.0, (step + 1) / warmup_steps) if warmup_steps else factor
 
 
 class _Factor:
