@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..prune.masks import SCOPES, check_sparsity, lowest, prune_count, ranked_sets
+from ..prune.masks import SCOPES, check_sparsity, zero_lowest_
 
 Tensor = torch.Tensor
 
@@ -143,15 +143,9 @@ class CrAM(torch.optim.Optimizer):
     def _compress_(self, sparsity: float) -> dict[int, Tensor]:
         """Zero the ``round(s·N)`` smallest ``|w|`` of each ranked set (all tensors, or each);
         returns ``{id(p): bool mask of the zeroed entries}``."""
-        cuts: dict[int, Tensor] = {}
-        for members in ranked_sets(self.scope, len(self.compress)):
-            params = [self.compress[i] for i in members]
-            flat = torch.cat([p.detach().reshape(-1).abs().float() for p in params])
-            pruned = lowest(flat, prune_count(sparsity, flat.numel()))
-            for p, cut in zip(params, torch.split(pruned, [p.numel() for p in params])):
-                cuts[id(p)] = cut.view(p.shape).to(p.device)
-                p.masked_fill_(cuts[id(p)], 0)
-        return cuts
+        scores = [p.detach().reshape(-1).abs().float() for p in self.compress]
+        keeps = zero_lowest_(self.compress, scores, sparsity, self.scope)
+        return {id(p): ~keep for p, keep in zip(self.compress, keeps, strict=True)}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]

@@ -224,6 +224,27 @@ def split_masks(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
+def zero_lowest_(
+    params: Sequence[Tensor], scores: Sequence[Tensor], sparsity: float, scope: str
+) -> list[Tensor]:
+    """Zero in place, per ranked set of ``scope``, the ``round(s·N)`` entries first in
+    ``(score, flat index)`` order; return one bool keep mask per tensor, shaped like it.
+
+    ``scores[i]`` is the flat score of ``params[i]`` (:func:`flat_scores`, or any other).
+    """
+    keeps: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for members in ranked_sets(scope, len(params)):
+        score = concat([scores[i] for i in members])
+        pruned = lowest(score, prune_count(sparsity, score.numel()))
+        for i, keep in zip(
+            members, split_masks(~pruned, [params[i] for i in members]), strict=True
+        ):
+            params[i].masked_fill_(~keep, 0)
+            keeps[i] = keep
+    return keeps
+
+
+@torch.no_grad()
 def prune_(
     model: nn.Module,
     sparsity: float | None = None,
@@ -311,20 +332,11 @@ def prune_(
     if structure is not None:
         apply_masks_(model, masks)
     else:
-        params_list = [p for _, p in named]
         scores = flat_scores(
             named, criterion, generator, calibration_norms(model, criterion, calibration)
         )
-        masks = {}
-        for members in ranked_sets(scope, len(named)):
-            score = concat([scores[i] for i in members])
-            pruned = lowest(score, prune_count(sparsity, score.numel()))
-            for i, keep in zip(
-                members, split_masks(~pruned, [params_list[i] for i in members]), strict=True
-            ):
-                params_list[i].masked_fill_(~keep, 0)
-                masks[named[i][0]] = keep
-        masks = {name: masks[name] for name, _ in named}
+        keeps = zero_lowest_([p for _, p in named], scores, sparsity, scope)
+        masks = {name: keep for (name, _), keep in zip(named, keeps, strict=True)}
     if dense is not None:
         reconstruct_(model, masks, calibration, dense=dense)
     return masks
