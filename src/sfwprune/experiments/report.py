@@ -61,16 +61,15 @@ def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
     return data
 
 
+def _pruned_levels(seconds: list[list[float]]) -> list[float]:
+    """Mean seconds of each pruned level over the seeds (the dense level excluded)."""
+    per_level = [statistics.fmean(x) for x in zip(*seconds)]
+    return per_level[1:] or per_level
+
+
 def _per_level(seconds: list[list[float]]) -> float:
-    """Mean seconds of one pruned level (the dense level excluded)."""
-    per_level = [statistics.fmean(x) for x in zip(*seconds)]
-    return statistics.fmean(per_level[1:] or per_level)
-
-
-def _total(seconds: list[list[float]]) -> float:
-    """Mean seconds of all pruned levels together (the dense level excluded)."""
-    per_level = [statistics.fmean(x) for x in zip(*seconds)]
-    return sum(per_level[1:] or per_level)
+    """Mean seconds of one pruned level."""
+    return statistics.fmean(_pruned_levels(seconds))
 
 
 def _acc_table(data: dict[str, dict[str, Any]], sparsities: list[float]) -> tuple[str, dict]:
@@ -141,19 +140,18 @@ def _targets(
                 + "; ".join(f"{100 * s:g}%: {a:.2f} vs {b:.2f}" for s, a, b in pairs)
                 + f" → {verdict[ok]}"
             )
-    recon_levels = [_per_level(d["level_seconds"]) for k, d in data.items()
-                    if k.endswith("_recon") and d["level_seconds"]]  # fmt: skip
+    recon_seconds = [d["level_seconds"] for k, d in data.items()
+                     if k.endswith("_recon") and d["level_seconds"]]  # fmt: skip
     ft = data.get("sgd_finetune", {}).get("retrain_seconds")
-    if recon_levels and ft:
-        worst, ft_level = max(recon_levels), _per_level(ft)
+    if recon_seconds and ft:
+        worst, ft_level = max(map(_per_level, recon_seconds)), _per_level(ft)
         out.append(
             f"- Reconstruction per level (slowest row, {worst:.1f} s) <= 1/10 of a fine-tuning "
             f"level ({ft_level:.1f} s): ratio {worst / ft_level:.3f} → "
             f"{verdict[worst <= ft_level / 10]}"
         )
         # gradual reconstruction: reaching the top level runs every pruned level before it
-        worst_total = max(_total(d["level_seconds"]) for k, d in data.items()
-                          if k.endswith("_recon") and d["level_seconds"])  # fmt: skip
+        worst_total = max(sum(_pruned_levels(x)) for x in recon_seconds)
         out.append(
             f"- Reconstruction rows run gradually over the grid's levels, so reaching the top "
             f"level costs every pruned level before it: {worst_total:.1f} s (slowest row), "

@@ -41,6 +41,7 @@ DENSE_TOLERANCE = 2.0
 # AC/DC's target sparsity: the middle of the 90-99% range the grid reports.
 ACDC_SPARSITY = 0.95
 CRAM_WARMUP = 2.0  # epochs (10% of the grid's 20)
+_WARM = f"({CRAM_WARMUP:g}-epoch warm-up)"  # in the CrAM rows' labels
 TRAINED_METHODS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd"},
     "sfw": {"optimizer": "sfw"},
@@ -109,13 +110,13 @@ ROWS: dict[str, tuple[str, str, str | None]] = {
     "sfw_best": ("SFW, best variant", "sfw_best", None),
     "sfw_best_recon": ("SFW, best variant for reconstruction + reconstruction", "sfw_best_recon",
                        "recon"),
-    "cram": (f"CrAM+ ({CRAM_WARMUP:g}-epoch warm-up)", "cram", None),
-    "cram_recon": (f"CrAM+ ({CRAM_WARMUP:g}-epoch warm-up) + reconstruction", "cram", "recon"),
+    "cram": (f"CrAM+ {_WARM}", "cram", None),
+    "cram_recon": (f"CrAM+ {_WARM} + reconstruction", "cram", "recon"),
     "acdc": (f"AC/DC (target {100 * ACDC_SPARSITY:g}%)", "acdc", None),
     "acdc_recon": (f"AC/DC (target {100 * ACDC_SPARSITY:g}%) + reconstruction", "acdc", "recon"),
-    "sfw_cram": (f"SFW fed the CrAM+ gradient ({CRAM_WARMUP:g}-epoch warm-up)", "sfw_cram", None),
-    "sfw_cram_recon": (f"SFW fed the CrAM+ gradient ({CRAM_WARMUP:g}-epoch warm-up) + reconstruction",
-                       "sfw_cram", "recon"),
+    "sfw_cram": (f"SFW fed the CrAM+ gradient {_WARM}", "sfw_cram", None),
+    "sfw_cram_recon": (f"SFW fed the CrAM+ gradient {_WARM} + reconstruction", "sfw_cram",
+                       "recon"),
 }  # fmt: skip
 METHOD_ORDER = tuple(ROWS)
 
