@@ -66,6 +66,22 @@ def test_exact_solver_equals_brute_force_least_squares(seed, monkeypatch):
     torch.testing.assert_close(solve_exact(X.T @ X, X.T @ Y, keep, lam), want)
 
 
+def test_exact_solver_batches_units_of_uneven_kept_counts():
+    # global magnitude leaves |S_r| from 1 to most of the row: batches of similar |S| (several
+    # of them here), each padded to its largest, must still give every unit its own solution
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 40, generator=g, dtype=torch.float64)
+    Y = torch.randn(400, 30, generator=g, dtype=torch.float64)
+    counts = torch.tensor([1, 1, 2, 3, 5, 8, 13, 21, 34, 40] * 3)
+    keep = torch.zeros(30, 40, dtype=torch.bool)
+    for r, c in enumerate(counts.tolist()):
+        keep[r, torch.randperm(40, generator=g)[:c]] = True
+    torch.testing.assert_close(
+        solve_exact(X.T @ X, X.T @ Y, keep, 0.05), brute_force(X, Y, keep, 0.05),
+        rtol=1e-9, atol=1e-10,
+    )  # fmt: skip
+
+
 def test_obs_is_exact_without_pruning_and_agrees_with_exact_solves():
     X, Y, _ = stats(3, rows=200, d=30, out=6)
     H, B, yy = X.T @ X, X.T @ Y, (Y**2).sum(0)
