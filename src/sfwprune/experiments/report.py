@@ -172,15 +172,24 @@ def _targets(
         + "; ".join(f"{100 * s:g}%: {LABELS[k]} ({_at(stats, k, idx, s):.2f})"
                     for s, k in best_at.items())
     )  # fmt: skip
-    winners = [
-        k for k in rows
-        if all(_at(stats, k, idx, s) >= _at(stats, best_at[s], idx, s) for s in high)
-        and _at(stats, k, idx, 0.0) >= sgd_dense - 0.3
-    ]  # fmt: skip
+    # candidates: trained once (fine-tuning retrains per level), dense within 0.3 of SGD
+    once = [k for k in rows if k != "sgd_finetune" and _at(stats, k, idx, 0.0) >= sgd_dense - 0.3]
+    shortfall = {
+        k: max(_at(stats, best_at[s], idx, s) - _at(stats, k, idx, s) for s in high) for k in once
+    }
+    winners = [k for k in once if shortfall[k] <= 0]
     out.append(
         "- One method >= every other row at 90/95/98/99% with dense within 0.3 of SGD: "
         + (", ".join(LABELS[k] for k in winners) + " → **met**" if winners else "none → **missed**")
     )
+    if once and not winners:  # the frontier reached: the smallest largest shortfall
+        k = min(shortfall, key=shortfall.__getitem__)
+        out.append(
+            f"- Closest (trained once, dense {_at(stats, k, idx, 0.0):.2f} vs SGD "
+            f"{sgd_dense:.2f}): {LABELS[k]}, at most {shortfall[k]:.2f} below the best row: "
+            + "; ".join(f"{100 * s:g}%: {_at(stats, k, idx, s):.2f} vs "
+                        f"{_at(stats, best_at[s], idx, s):.2f}" for s in high)
+        )  # fmt: skip
     return out
 
 
