@@ -159,20 +159,27 @@ def test_bad_arguments_raise_before_touching_the_model(lenet300):
     assert_bit_identical(lenet300, state)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
-def test_reconstructed_sweep_equals_prune_with_reconstruct_and_restores_the_model(
-    make_convbn, criterion
-):
+def _recording_sweep_setup(make_convbn):
+    """A ConvBN model in train mode, calibration batches, its snapshot, and an ``evaluate`` that
+    records a snapshot of every level it sees (in ``seen``)."""
     model = make_convbn()
     model.train()
     x, y = data()
     calibration = [(data(s)[0], torch.zeros(16)) for s in (1, 2)]
-    state = snapshot(model)
     seen = []
 
     def evaluate(m):
         seen.append(snapshot(m))
         return evaluate_on(x, y)(m)
+
+    return model, calibration, snapshot(model), seen, evaluate
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_reconstructed_sweep_equals_prune_with_reconstruct_and_restores_the_model(
+    make_convbn, criterion
+):
+    model, calibration, state, seen, evaluate = _recording_sweep_setup(make_convbn)
 
     levels = [0.5, 0.9]
     rows = sparsity_sweep(
@@ -197,16 +204,7 @@ def test_reconstructed_sweep_errors_change_nothing(lenet300):
 
 
 def test_gradual_sweep_prunes_on_from_the_previous_reconstructed_level(make_convbn):
-    model = make_convbn()
-    model.train()
-    x, y = data()
-    calibration = [(data(s)[0], torch.zeros(16)) for s in (1, 2)]
-    state = snapshot(model)
-    seen = []
-
-    def evaluate(m):
-        seen.append(snapshot(m))
-        return evaluate_on(x, y)(m)
+    model, calibration, state, seen, evaluate = _recording_sweep_setup(make_convbn)
 
     # given out of order: run in increasing order, rows returned in the order given
     rows = sparsity_sweep(
