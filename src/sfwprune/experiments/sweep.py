@@ -29,6 +29,7 @@ import torch
 from .. import _io
 from ..prune import needs_calibration, sparsity_sweep
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES
+from ..prune.sweep import check_gradual
 from ..train import evaluate
 from .config import DEFAULT_SPARSITIES
 from .provenance import provenance
@@ -97,6 +98,7 @@ class SweepConfig:
         for s in self.sparsities:
             if not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
                 raise ValueError(f"Invalid sparsity: {s!r} (expected a number in [0, 1])")
+        check_gradual(self.gradual, self.reconstruct, self.structure)  # before any run is loaded
         return self
 
 

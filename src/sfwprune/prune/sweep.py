@@ -95,6 +95,16 @@ class Ranking:
         return {name: out[name] for name, _ in self.named}
 
 
+def check_gradual(gradual: Any, reconstruct: bool, structure: str | None) -> None:
+    """``gradual`` is a bool, and True only with ``reconstruct`` and unstructured pruning."""
+    if not isinstance(gradual, bool):
+        raise ValueError(f"Invalid gradual: {gradual!r} (expected True or False)")
+    if gradual and (not reconstruct or structure is not None):
+        raise ValueError(
+            "Invalid gradual: True (needs reconstruct=True and unstructured pruning, structure=None)"
+        )
+
+
 def _replayable(batches: Iterable[Any] | None) -> Iterable[Any] | None:
     # every level reads the batches again, so a one-shot iterator is materialized once
     if batches is not None and iter(batches) is batches:
@@ -178,12 +188,7 @@ def sparsity_sweep(
         )
     if not callable(evaluate):
         raise ValueError(f"Invalid evaluate: {evaluate!r} (expected model -> dict)")
-    if not isinstance(gradual, bool):
-        raise ValueError(f"Invalid gradual: {gradual!r} (expected True or False)")
-    if gradual and (not reconstruct or structure is not None):
-        raise ValueError(
-            "Invalid gradual: True (needs reconstruct=True and unstructured pruning, structure=None)"
-        )
+    check_gradual(gradual, reconstruct, structure)
     level_masks: list[dict[str, Tensor]] | None = None
     if structure is not None:
         kwargs = dict(prune_kwargs)
