@@ -149,8 +149,7 @@ class _Factor:
         self.schedule, self.total_steps, self.warmup_steps = schedule, total_steps, warmup_steps
 
     def __call__(self, step: int) -> float:
-        warmup = getattr(self, "warmup_steps", 0)  # pickled before warm-up existed
-        return lr_factor(self.schedule, step, self.total_steps, warmup)
+        return lr_factor(self.schedule, step, self.total_steps, self.warmup_steps)
 
 
 def build_scheduler(
