@@ -55,7 +55,7 @@ TRAINED_METHODS: dict[str, dict[str, Any]] = {
     "acdc": {"optimizer": "sgd", "acdc_sparsity": ACDC_SPARSITY},
     "sfw_cram": {"optimizer": "sfw", "cram": "cram+", "warmup_epochs": CRAM_WARMUP},
     # CrAM+ over the deployment range the grid reports (90-99%) instead of CrAM's default
-    # {90, 95, 98}%: the default row falls ~5 points from 98% to 99%, a level it never trains at
+    # {90, 95, 98}%: the default row falls 5-16 points from 98% to 99%, a level it never trains at
     "cram_deploy": {
         "optimizer": "sgd",
         "cram": "cram+",
@@ -94,9 +94,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "k_frac": 0.1,
         "schedule": "cosine",
     },
-    # weights only ("_w"): biases unconstrained. With every tensor constrained, a bias of fewer
-    # than k_min entries lives in a hypercube and can jump to -radius in one step (a dead LeNet-5
-    # seed of each of the two variants above in the 90b563b grid, stuck at 10% from epoch 1).
+    # weights only ("_w"): biases unconstrained. Added because the two variants above each lost a
+    # LeNet-5 seed in the 90b563b grid (biases at -radius, stuck at 10% from epoch 1). It did not
+    # cure that: ksup_kf0.1_v15_cos_w still lost a LeNet-5 seed (d948542 grid); the cause is an early loss
+    # spike at lr 1 that momentum carries to a far vertex (a short lr warm-up avoided it).
     "kf0.01_v30_cos_w": {"optimizer": "sfw", "k_frac": 0.01, "radius_scale": 30.0,
                          "schedule": "cosine", "constrained_tensors": "weights"},
     "ksup_kf0.1_v15_cos_w": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
