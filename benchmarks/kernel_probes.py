@@ -1,0 +1,129 @@
+"""Probes behind the compiled SFW step's design (docs/benchmarks.md, issue 15). Prints JSON.
+
+1. Threshold prediction: train LeNet-300-100 on Fashion-MNIST with the default SFW for
+   ``--steps`` steps and record, for the first layer, the exact K-th largest ``|m|`` (the LMO's
+   threshold ``t``) after every step. Report the relative error of three predictions of ``t``:
+   the previous threshold alone, the previous threshold scaled by ``||m|| / ||m_prev||`` (what the
+   kernel uses) and a linear trend of the last two thresholds.
+2. Selection output: on 235,200 standard-normal float32 entries, the time of a pass writing band
+   flags (what the kernel does) against a pass compacting the selected entries' indices (what a
+   sparse θ update would need). One thread, medians of ``--repeats``.
+
+    python benchmarks/kernel_probes.py [--steps 1500] [--repeats 500] [--out f.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+from numba import njit
+
+from sfwprune import SFW, constraint_groups
+from sfwprune._io import atomic_write_json
+from sfwprune.data.fashion_mnist import load_fashion_mnist
+from sfwprune.models import build_model
+
+
+def prediction_errors(steps: int) -> dict:
+    ds = load_fashion_mnist()
+    x = (ds.train_x.float() / 255 - 0.286) / 0.353
+    y = ds.train_y
+    torch.manual_seed(0)
+    model = build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    opt = SFW(constraint_groups(model))
+    weight = next(p for p in model.parameters() if p.dim() >= 2)
+    k = int(opt.param_groups[0]["k"])
+    perm = torch.randperm(len(x))
+    per_epoch = len(x) // 128
+    ts, mms = [], []
+    for s in range(steps):
+        idx = perm[(s % per_epoch) * 128 : (s % per_epoch + 1) * 128]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        m = opt.state[weight]["momentum_buffer"].abs().reshape(-1)
+        ts.append(float(torch.topk(m, k).values[-1]))
+        mms.append(float((m * m).sum()))
+    t, mm = np.array(ts), np.array(mms)
+    errors = {
+        "previous_threshold": np.abs(t[1:] / t[:-1] - 1),
+        "norm_scaled (kernel)": np.abs(t[1:] / (t[:-1] * np.sqrt(mm[1:] / mm[:-1])) - 1),
+        "linear_trend": np.abs(t[2:] / (t[1:-1] ** 2 / t[:-2]) - 1),
+    }
+    skip = 50  # the first steps, before momentum settles
+    return {
+        name: {q: float(np.quantile(e[skip:], v)) for q, v in
+               (("median", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))}
+        for name, e in errors.items()
+    }  # fmt: skip
+
+
+@njit(fastmath=True, cache=True)
+def _flags(m, lo, hi, f):  # pragma: no cover - compiled
+    c = 0
+    for i in range(m.size):
+        a = abs(m[i])
+        c += a >= hi
+        f[i] = (a >= lo) & (a < hi)
+    return c
+
+
+@njit(fastmath=True, cache=True)
+def _indices(m, lo, idx):  # pragma: no cover - compiled
+    c = 0
+    for i in range(m.size):
+        idx[c] = i
+        c += abs(m[i]) >= lo
+    return c
+
+
+def selection_times(repeats: int) -> dict:
+    n = 235_200
+    m = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    f, idx = np.empty(n, np.uint8), np.empty(n, np.int32)
+    lo, hi = np.float32(1.9), np.float32(2.0)
+    _flags(m, lo, hi, f)
+    _indices(m, lo, idx)
+
+    def median_us(fn) -> float:
+        xs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            xs.append(time.perf_counter() - t0)
+        return 1e6 * statistics.median(xs)
+
+    return {
+        "entries": n,
+        "band_flags_us": median_us(lambda: _flags(m, lo, hi, f)),
+        "index_list_us": median_us(lambda: _indices(m, lo, idx)),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--repeats", type=int, default=500)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    result = {
+        "torch_threads": 1,
+        "load_average_1min": os.getloadavg()[0],
+        "threshold_prediction_relative_error": prediction_errors(args.steps),
+        "selection_output": selection_times(args.repeats),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
