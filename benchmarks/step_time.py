@@ -12,6 +12,21 @@ process (each repeat steps all, in rotating order) on the same batches, so a noi
 slows them alike; the 1-minute load average is recorded with every model. The summary gives
 ``wall_<variant>_over_sgd`` and ``cpu_<variant>_over_sgd`` per model and thread count.
 
+CPU time per step is the sum of every thread's own CPU clock (``clock_gettime`` on each
+thread's ``CPUCLOCK_SCHED`` id, threads listed from ``/proc/self/task`` after warm-up), read
+before and after the step. ``time.process_time()`` around one step is *not* used: on Linux it
+brings only the calling thread's runtime up to date, while another running thread (torch's
+OpenMP worker at 2 threads, which spins between parallel regions) is charged only when its
+runtime is flushed, at scheduler ticks (HZ=250 here: 4 ms). Around a ~2 ms step that adds
+either ~0 or ~4 ms (measured: the other threads' share of a LeNet-300-100 step fell in the 0 or
+the 4 ms bin 90% of the time), so the median jumps between the two modes with the fraction of
+steps that catch a tick, i.e. with the step's wall time (it gave SFW 5.78 ms CPU in a 1.94 ms
+wall step: CPU ratio 2.76 at wall ratio 1.17). A thread's own clock is exact (the kernel brings
+a running thread's runtime up to date when its clock is read). ``cpu_check`` compares the summed
+thread clocks with ``process_time`` over the whole timed loop (1.0: no thread missed) and gives
+the mean ``process_time`` per full step (unbiased in the mean, noisy). Without thread clocks
+(not Linux) the per-step ``process_time`` median is reported, exact at 1 thread only.
+
     python benchmarks/step_time.py [--threads 1,2] [--repeats 300] [--variants sfw,sfw_batched]
         [--device cpu|cuda] [--sweep-eval-batches 1] [--out f]
 """
@@ -127,6 +142,31 @@ class NaiveSFW:
                 p.add_(direction, alpha=eta)
 
 
+def _thread_clocks() -> list[int]:
+    """CPU clock ids of this process's threads (Linux ``MAKE_THREAD_CPUCLOCK(tid,
+    CPUCLOCK_SCHED)``); empty where ``/proc/self/task`` or thread clocks are missing."""
+    try:
+        ids = [((~int(tid)) << 3) | 2 | 4 for tid in os.listdir("/proc/self/task")]
+        for c in ids:
+            time.clock_gettime(c)
+    except (OSError, ValueError, AttributeError):
+        return []
+    return ids
+
+
+def _cpu_now(ids: list[int]) -> float:
+    """Process CPU seconds: the sum of the threads' own clocks (exact), else ``process_time``."""
+    if not ids:
+        return time.process_time()
+    total = 0.0
+    for c in ids:
+        try:
+            total += time.clock_gettime(c)
+        except OSError:  # a thread that ended: its time is no longer counted (see cpu_check)
+            pass
+    return total
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -164,27 +204,37 @@ def time_model(
     step: dict[str, list[float]] = {k: [] for k in runs}
     cpu_full: dict[str, list[float]] = {k: [] for k in runs}
     cpu_step: dict[str, list[float]] = {k: [] for k in runs}
+    proc_full: dict[str, float] = dict.fromkeys(runs, 0.0)
     names = list(runs)
     load_before = os.getloadavg()[0]
+    ids: list[int] = []
+    loop_cpu = loop_proc = 0.0
     for r in range(warmup + repeats):
+        if r == warmup:  # torch's pool exists now; the loop's totals check the list
+            ids = _thread_clocks()
+            loop_cpu, loop_proc = _cpu_now(ids), time.process_time()
         x, y = batches[r % len(batches)]
         for j in range(len(names)):
             key = names[(r + j) % len(names)]
             model, opt = runs[key]
             _sync(device)
-            c0, t0 = time.process_time(), time.perf_counter()
+            p0 = time.process_time()
+            c0, t0 = _cpu_now(ids), time.perf_counter()
             opt.zero_grad()
             loss_fn(model(x), y).backward()
             _sync(device)
-            c1, t1 = time.process_time(), time.perf_counter()
+            t1, c1 = time.perf_counter(), _cpu_now(ids)
             opt.step()
             _sync(device)
-            c2, t2 = time.process_time(), time.perf_counter()
+            t2, c2 = time.perf_counter(), _cpu_now(ids)
+            p2 = time.process_time()
             if r >= warmup:
                 full[key].append(t2 - t0)
                 step[key].append(t2 - t1)
                 cpu_full[key].append(c2 - c0)
                 cpu_step[key].append(c2 - c1)
+                proc_full[key] += p2 - p0
+    loop_cpu, loop_proc = _cpu_now(ids) - loop_cpu, time.process_time() - loop_proc
 
     def med(d: dict[str, list[float]]) -> dict[str, float]:
         return {k: statistics.median(v) * 1e3 for k, v in d.items()}
@@ -201,6 +251,12 @@ def time_model(
         "full_step_cpu_ms": cpu,
         "optimizer_step_ms": med(step),
         "optimizer_step_cpu_ms": med(cpu_step),
+        "cpu_clock": "thread clocks" if ids else "process_time",
+        "cpu_check": {
+            "threads": len(ids),
+            "thread_clocks_over_process_time": loop_cpu / loop_proc if loop_proc > 0 else None,
+            "full_step_process_time_mean_ms": {k: v / repeats * 1e3 for k, v in proc_full.items()},
+        },
     }
     for k in variants:
         out[f"wall_{k}_over_sgd"] = wall[k] / wall["sgd"]
