@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments.flags import add_flags
     from .experiments.prune import DTYPES
     from .prune.masks import CRITERIA, INCLUDES, SCOPES
+    from .prune.sweep import GRADUAL_STEP
 
     parser = _Parser(
         prog="sfwprune",
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradual", action="store_true",
         help="with --reconstruct: levels in increasing order, each pruning on from the previous "
         "level's reconstructed weights",
+    )  # fmt: skip
+    p.add_argument(
+        "--gradual-step", type=float, default=GRADUAL_STEP,
+        help="with --gradual: the largest fraction of the kept weights one step prunes; levels "
+        f"further apart get steps in between (default {GRADUAL_STEP}; 1: the levels alone)",
     )  # fmt: skip
     p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
@@ -237,7 +243,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         sparsities=tuple(args.sparsities or levels), scope=args.scope,
         include=args.include, criterion=args.criterion, bn_recalibrate=args.bn_recalibrate,
         seed=args.seed, reconstruct=args.reconstruct, calibration_size=args.calibration_size,
-        gradual=args.gradual, **structured,
+        gradual=args.gradual, gradual_step=args.gradual_step, **structured,
     ).validate()  # fmt: skip
     result = sweep_run(args.run_dir, sweep, tag=args.tag, allow_partial=args.allow_partial)
     if not result["run"]["finished"]:

@@ -208,9 +208,11 @@ def test_gradual_sweep_prunes_on_from_the_previous_reconstructed_level(make_conv
 
     # given out of order: run in increasing order, rows returned in the order given
     rows = sparsity_sweep(
-        model, evaluate, [0.9, 0.5], calibration=calibration, reconstruct=True, gradual=True
-    )
+        model, evaluate, [0.9, 0.5], calibration=calibration, reconstruct=True, gradual=True,
+        gradual_step=1.0,
+    )  # fmt: skip
     assert [r["sparsity"] for r in rows] == [0.9, 0.5]
+    assert [r["steps"] for r in rows] == [1, 1]
     assert_bit_identical(model, state)
     assert all(m.training for m in model.modules())
     # first level: plain prune_ + reconstruction
@@ -227,6 +229,57 @@ def test_gradual_sweep_prunes_on_from_the_previous_reconstructed_level(make_conv
     plain = make_convbn()
     prune_(plain, 0.9, calibration=calibration, reconstruct=True)
     assert any(not torch.equal(v, seen[1][k]) for k, v in snapshot(plain).items())
+
+
+def test_gradual_steps_between_levels_equal_a_hand_built_chain(make_convbn):
+    model, calibration, state, seen, evaluate = _recording_sweep_setup(make_convbn)
+    rows = sparsity_sweep(
+        model, evaluate, [0.9, 0.5], calibration=calibration, reconstruct=True, gradual=True,
+        gradual_step=0.5,
+    )  # fmt: skip
+    assert_bit_identical(model, state)
+    plan = sweep_module.gradual_schedule([0.9, 0.5], 0.5)
+    # kept fractions 1 -> 0.5 (level 0.5), then 0.5 -> 0.1 in three steps of <= half each
+    assert [i for _, i in plan] == [1, None, None, 0]
+    assert [r["steps"] for r in rows] == [3, 1] and len(seen) == 2
+    ref, dense, masks = make_convbn(), make_convbn(), None
+    chain = []
+    for sparsity, index in plan:
+        if masks is not None:  # rank the reconstructed weights, the pruned ones first
+            ranking = sweep_module.Ranking(ref, calibration=calibration, keep=masks)
+            masks = ranking.masks(sparsity)
+            with torch.no_grad():
+                for p, keep in zip(ranking.params, masks.values(), strict=True):
+                    p.masked_fill_(~keep, 0)
+            reconstruct_(ref, masks, calibration, dense=dense)
+        else:
+            masks = prune_(ref, sparsity, calibration=calibration, reconstruct=True)
+        if index is not None:
+            chain.append(snapshot(ref))
+    for got, want in zip(seen, chain, strict=True):
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize("step", [0.1, 0.25, 0.5, 0.9])
+def test_gradual_schedule_bounds_every_step(step):
+    levels = [0.99, 0.0, 0.5, 0.9, 0.95, 0.98]
+    plan = sweep_module.gradual_schedule(levels, step)
+    sparsities = [s for s, _ in plan]
+    assert sparsities == sorted(sparsities)
+    assert [levels[i] for _, i in plan if i is not None] == sorted(levels)
+    kept = [1.0] + [1.0 - s for s in sparsities]
+    for before, after in zip(kept, kept[1:]):
+        assert after >= before * (1.0 - step) - 1e-12  # no step prunes more than `step`
+    # the fewest steps that can: one fewer would break the bound somewhere
+    for lo, hi in zip([0.0, *sorted(levels)], sorted(levels)):
+        n = sum(1 for s, _ in plan if lo < s <= hi)
+        if hi > lo:
+            assert (1 - hi) / (1 - lo) < (1 - step) ** (n - 1) + 1e-12
+
+
+def test_gradual_schedule_step_one_is_the_levels_alone():
+    assert sweep_module.gradual_schedule([0.9, 0.5, 1.0], 1.0) == [(0.5, 1), (0.9, 0), (1.0, 2)]
 
 
 def test_gradual_keeps_pruned_entries_pruned_even_if_kept_weights_are_zero(lenet300):
@@ -257,3 +310,9 @@ def test_gradual_needs_unstructured_reconstruction(lenet300):
         )  # fmt: skip
     with pytest.raises(ValueError, match="Invalid gradual"):
         sparsity_sweep(lenet300, ok, [0.5], calibration=calibration, reconstruct=True, gradual=1)
+    for step in (0, 1.5, -0.1, True, "0.5", float("nan")):
+        with pytest.raises(ValueError, match="Invalid gradual_step"):
+            sparsity_sweep(
+                lenet300, ok, [0.5], calibration=calibration, reconstruct=True, gradual=True,
+                gradual_step=step,
+            )  # fmt: skip

@@ -146,7 +146,8 @@ def _targets(
     if recon_seconds and ft:
         worst, ft_level = max(map(_per_level, recon_seconds)), _per_level(ft)
         out.append(
-            f"- Reconstruction per level (slowest row, {worst:.1f} s) <= 1/10 of a fine-tuning "
+            f"- Reconstruction per level (slowest row, {worst:.1f} s with the gradual steps "
+            "before the level) <= 1/10 of a fine-tuning "
             f"level ({ft_level:.1f} s): ratio {worst / ft_level:.3f} → "
             f"{verdict[worst <= ft_level / 10]}"
         )
@@ -154,7 +155,7 @@ def _targets(
         worst_total = max(sum(_pruned_levels(x)) for x in recon_seconds)
         out.append(
             f"- Reconstruction rows run gradually over the grid's levels, so reaching the top "
-            f"level costs every pruned level before it: {worst_total:.1f} s (slowest row), "
+            f"level costs every pruned level and step before it: {worst_total:.1f} s (slowest row), "
             f"{worst_total / ft_level:.2f} of one fine-tuning level"
         )
     for key in ("sfw_best", "sfw_best_recon"):

@@ -42,6 +42,7 @@ DENSE_TOLERANCE = 2.0
 # AC/DC's target sparsity: the middle of the 90-99% range the grid reports.
 ACDC_SPARSITY = 0.95
 CRAM_WARMUP = 2.0  # epochs (10% of the grid's 20)
+SFW_WARMUP = 0.2  # epochs: the "_wu" variants' lr warm-up (1% of the grid's 20)
 DEPLOY_SPARSITIES = (0.9, 0.95, 0.98, 0.99)  # the levels the report's targets are measured at
 _WARM = f"({CRAM_WARMUP:g}-epoch warm-up)"  # in the CrAM rows' labels
 TRAINED_METHODS: dict[str, dict[str, Any]] = {
@@ -68,7 +69,8 @@ SWEEPS: dict[str | None, dict[str, Any]] = {
     None: {},
     "layer": {"scope": "layer"},
     # gradual: the grid's levels form one schedule (each level prunes on from the previous
-    # level's reconstructed weights); the report adds the cumulative cost of that schedule
+    # level's reconstructed weights, with steps in between: at most GRADUAL_STEP of the kept
+    # weights per step); the report adds the cumulative cost of that schedule
     "recon": {"reconstruct": True, "gradual": True},
 }
 SGD_SWEEPS: dict[str | None, dict[str, Any]] = {
@@ -102,6 +104,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
                          "schedule": "cosine", "constrained_tensors": "weights"},
     "ksup_kf0.1_v15_cos_w": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
                              "schedule": "cosine", "constrained_tensors": "weights"},
+    # with a 0.2-epoch linear lr warm-up ("_wu"): the cure the trace of the dead LeNet-5 seeds
+    # pointed to (in its 1-epoch runs the warm-up kept both dead configurations alive)
+    "kf0.05_v15_wu": {"optimizer": "sfw", "warmup_epochs": SFW_WARMUP},
+    "kf0.01_v30_cos_w_wu": {"optimizer": "sfw", "k_frac": 0.01, "radius_scale": 30.0,
+                            "schedule": "cosine", "constrained_tensors": "weights",
+                            "warmup_epochs": SFW_WARMUP},
+    "ksup_kf0.1_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
+                                "schedule": "cosine", "constrained_tensors": "weights",
+                                "warmup_epochs": SFW_WARMUP},
 }
 # fmt: on
 SCOPES = ("global", "layer")

@@ -29,7 +29,7 @@ import torch
 from .. import _io
 from ..prune import needs_calibration, sparsity_sweep
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES
-from ..prune.sweep import check_gradual
+from ..prune.sweep import GRADUAL_STEP, check_gradual
 from ..train import evaluate
 from .config import DEFAULT_SPARSITIES
 from .provenance import provenance
@@ -51,6 +51,7 @@ class SweepConfig:
     reconstruct: bool = False
     calibration_size: int = 2048  # training images (no labels used), fixed seed CALIBRATION_SEED
     gradual: bool = False  # reconstruct only: levels in increasing order, each from the previous
+    gradual_step: float = GRADUAL_STEP  # gradual: most of the kept entries one step prunes
     # structured pruning (docs/algorithm.md §7): None (unstructured), "channel" or "N:M"
     structure: str | None = None
     norm: int = 2  # channel: rank units by their L1 (1, Li et al. 2017) or L2 (2) row norm
@@ -98,7 +99,9 @@ class SweepConfig:
         for s in self.sparsities:
             if not (isinstance(s, (int, float)) and 0.0 <= s <= 1.0):
                 raise ValueError(f"Invalid sparsity: {s!r} (expected a number in [0, 1])")
-        check_gradual(self.gradual, self.reconstruct, self.structure)  # before any run is loaded
+        check_gradual(
+            self.gradual, self.reconstruct, self.structure, self.gradual_step
+        )  # before any run is loaded
         return self
 
 
@@ -145,7 +148,8 @@ def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, 
         model, lambda m: evaluate(m, evaluator, precision=cfg.precision), list(sweep.sparsities),
         bn_batches=bn_batches, scope=sweep.scope, include=sweep.include,
         criterion=sweep.criterion, generator=generator, calibration=calibration,
-        reconstruct=sweep.reconstruct, gradual=sweep.gradual, **structured,
+        reconstruct=sweep.reconstruct, gradual=sweep.gradual, gradual_step=sweep.gradual_step,
+        **structured,
     )  # fmt: skip
 
 
