@@ -10,6 +10,7 @@ initialization: latency does not depend on their values.
     PYTHONPATH=src python benchmarks/structured.py            # minutes: batch 256 dominates
     PYTHONPATH=src python benchmarks/structured.py --quick    # a smoke run
     PYTHONPATH=src python benchmarks/structured.py --models lenet5 --onednn off
+    PYTHONPATH=src python benchmarks/structured.py --models lenet5 --runtime jit-optimized
 
 ``--onednn off`` runs every model (dense and pruned alike) with PyTorch's oneDNN (mkldnn)
 kernels disabled, so convolutions take ATen's native path. For LeNet-5 on one thread that path
@@ -17,6 +18,12 @@ has a smaller fixed cost per conv call (about 25 us against 65 us at batch 1 her
 pruned model's saving is a larger share of its time; at batch 256 it is slower for the dense
 model than oneDNN. Compare ``speedup`` (wall) and ``cpu_speedup`` (thread CPU time) of both
 settings; each setting is one execution path applied to every variant, never a mix.
+
+``--runtime`` converts every variant the same way before timing (``measure_latency``'s
+``runtime``): ``eager`` (default), ``jit`` (``torch.jit.trace`` + ``torch.jit.freeze``) or
+``jit-optimized`` (then ``torch.jit.optimize_for_inference``: oneDNN-prepacked weights and
+blocked layouts, the fastest dense LeNet-5 at batch 64-1024 measured here). Each variant is
+traced at the batch size it is timed at.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import time
 import torch
 from torch import nn
 
-from sfwprune.experiments.structured import measure_latency
+from sfwprune.experiments.structured import RUNTIMES, measure_latency
 from sfwprune.models import build_model
 from sfwprune.prune.shrink import shrink
 from sfwprune.prune.structured import structured_masks
@@ -62,6 +69,10 @@ def main() -> None:
         "--onednn", choices=("on", "off"), default="on",
         help="oneDNN (mkldnn) kernels for every variant (default on: PyTorch's default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default="eager",
+        help="how every variant is executed (default eager: the nn.Module as is)",
+    )  # fmt: skip
     args = parser.parse_args()
     names = [n for n in args.models.split(",") if n]
     for n in names:
@@ -72,10 +83,11 @@ def main() -> None:
     results: dict = {}
     with torch.backends.mkldnn.flags(enabled=args.onednn == "on"):
         for name in names:
-            results[name] = run_model(name, args.quick)
+            results[name] = run_model(name, args.quick, args.runtime)
     report = {
         "benchmark": "structured",
         "onednn": args.onednn,
+        "runtime": args.runtime,
         "results": results,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -87,7 +99,7 @@ def main() -> None:
     print(json.dumps(report, indent=1))
 
 
-def run_model(name: str, quick: bool) -> dict:
+def run_model(name: str, quick: bool, runtime: str = "eager") -> dict:
     """Every variant of ``name`` timed at batch 1 (and 256 unless ``quick``)."""
     models = variants(name)
     entry: dict = {"params": {k: params(m) for k, m in models.items()}}
@@ -101,7 +113,7 @@ def run_model(name: str, quick: bool) -> dict:
         torch.manual_seed(0)  # the input
         timed = measure_latency(
             models, MODELS[name], batch=batch, rounds=rounds,
-            warmup=batch == 1 or name == "lenet5",
+            warmup=batch == 1 or name == "lenet5", runtime=runtime,
         )  # fmt: skip
         entry[f"batch_{batch}"] = {
             k: {"median_ms": round(v["median_ms"], 3), "speedup": round(v["speedup"], 2),

@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from sfwprune.experiments.structured import _cpu_speedup, _model_section, measure_latency
+from sfwprune.experiments.structured import (
+    RUNTIMES,
+    _cpu_speedup,
+    _model_section,
+    deploy,
+    latency_levels,
+    measure_latency,
+)
+from sfwprune.models import build_model
+from sfwprune.prune.shrink import shrink
+from sfwprune.prune.structured import structured_masks
 
 
 def _mlp(width: int, depth: int) -> nn.Module:
@@ -44,6 +54,45 @@ def test_measure_latency_rejects_bad_input(kwargs, name) -> None:
         measure_latency({}, (4,))
 
 
+@pytest.mark.parametrize("runtime", ["jit", "jit-optimized"])
+def test_deployed_models_equal_eager(runtime) -> None:
+    """LeNet-5 and its 50%-channel shrink: each runtime gives the eager outputs, at the traced
+    batch size; the original model is untouched and stays usable."""
+    dense = build_model("lenet5", input_shape=(1, 28, 28), num_classes=10, seed=0).eval()
+    small = shrink(dense, structured_masks(dense, 0.5, "channel", scope="layer")).eval()
+    torch.manual_seed(1)
+    x = torch.randn(8, 1, 28, 28)
+    for model in (dense, small):
+        with torch.no_grad():
+            want = model(x)
+        fast = deploy(model, x, runtime)
+        assert fast is not model and not isinstance(model, torch.jit.ScriptModule)
+        with torch.inference_mode():
+            got = fast(x)
+            again = fast(torch.zeros_like(x))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, model(torch.zeros_like(x)), rtol=1e-5, atol=1e-5)
+    assert deploy(dense, x, "eager") is dense
+
+
+def test_measure_latency_runtimes_and_bad_runtime(tmp_path) -> None:
+    models = {"big": _mlp(64, 6), "small": _mlp(64, 1)}
+    for runtime in RUNTIMES:
+        out = measure_latency(models, (64,), batch=4, rounds=3, runtime=runtime)
+        assert set(out) == {"big", "small"} and out["big"]["speedup"] == 1.0
+        assert all(v["rounds"] == 3 and v["median_ms"] > 0 for v in out.values())
+    for bad in ("compile", "JIT", "", None):
+        with pytest.raises(
+            ValueError, match=f"Invalid runtime: {bad!r}.*eager, jit, jit-optimized"
+        ):
+            measure_latency(models, (64,), runtime=bad)
+        with pytest.raises(ValueError, match="Invalid runtime"):
+            deploy(models["big"], torch.zeros(1, 64), bad)
+    # the grid's entry point refuses it before reading the run folder
+    with pytest.raises(ValueError, match="Invalid runtime: 'torchscript'"):
+        latency_levels(tmp_path / "no-run", tmp_path / "latency.json", runtime="torchscript")
+
+
 def test_report_shows_cpu_speedups_and_na_for_old_files(tmp_path) -> None:
     row = {"sparsity": 0.5, "params": 10, "batch1_ms": 0.2, "batch1_speedup": 1.1,
            "batch256_ms": 8.0, "batch256_speedup": 1.4}  # fmt: skip
@@ -60,5 +109,6 @@ def test_report_shows_cpu_speedups_and_na_for_old_files(tmp_path) -> None:
     lines, found = _model_section(tmp_path, "lenet5", 1)
     text = "\n".join(lines)
     assert "CPU-time speed-up" in text
+    assert "1 thread, eager runtime" in text  # files written before the runtime was recorded
     assert "| 50% | 10 | 0.200 | 1.10x | 1.17x | 8.00 | 1.40x | 1.66x |" in text
     assert found["latency"]["rows"][1]["batch256_cpu_speedup"] == 1.66

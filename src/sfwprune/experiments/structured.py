@@ -111,6 +111,39 @@ class StructuredConfig:
 
 # ---------------------------------------------------------------- latency
 
+# How the timed models are executed (one runtime for every model of a measurement, never a mix):
+# "eager": the nn.Module as is; "jit": torch.jit.trace + torch.jit.freeze (constants folded, no
+# Python per layer); "jit-optimized": the frozen trace through torch.jit.optimize_for_inference
+# (oneDNN weight prepacking and blocked layouts: on LeNet-5 at batch 256, one thread, the fastest
+# dense model measured, about 2-4x faster than eager). TorchScript is deprecated in torch 2.14
+# (FutureWarning) but still the plain trace-and-freeze path; torch.compile was measured beside it
+# (docs/benchmarks.md) and is not offered here, its compile time is seconds per model and shape.
+RUNTIMES = ("eager", "jit", "jit-optimized")
+
+
+def deploy(model: nn.Module, example: torch.Tensor, runtime: str = "eager") -> nn.Module:
+    """``model`` in eval mode, converted for inference by ``runtime`` (see :data:`RUNTIMES`).
+
+    The JIT runtimes trace ``model`` on ``example`` (so the result is specialised to its shape)
+    and freeze it; the original model is not modified. Outputs equal the eager model's up to
+    float rounding (``jit-optimized`` reorders the convolution sums: differences of ~1e-7).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Invalid runtime: {runtime!r} (expected one of {', '.join(RUNTIMES)})")
+    model.eval()
+    if runtime == "eager":
+        return model
+    import warnings
+
+    # A trace of inference-mode tensors cannot be frozen into a graph: trace outside it.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        example = example.clone() if example.is_inference() else example
+        frozen = torch.jit.freeze(torch.jit.trace(model, example))
+        if runtime == "jit-optimized":
+            frozen = torch.jit.optimize_for_inference(frozen)
+    return frozen
+
 
 @torch.inference_mode()
 def measure_latency(
@@ -120,9 +153,12 @@ def measure_latency(
     batch: int = 1,
     rounds: int = 100,
     warmup: bool = True,
+    runtime: str = "eager",
 ) -> dict[str, dict[str, float]]:
     """Median CPU forward time of each model on one ``(batch, *input_shape)`` input.
 
+    Every model is first converted by the same ``runtime`` (:func:`deploy`: ``"eager"``,
+    ``"jit"`` or ``"jit-optimized"``), traced at this batch size; the conversion is not timed.
     The models run interleaved (one call each per round, after one warm-up call), so a slow
     stretch of a shared machine hits all alike; the speed-up is against the first model.
     Each call is timed twice: wall clock (``median_ms``, ``speedup``) and the calling thread's
@@ -136,11 +172,13 @@ def measure_latency(
         raise ValueError(f"Invalid batch: {batch!r} (expected a positive integer)")
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"Invalid rounds: {rounds!r} (expected a positive integer)")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Invalid runtime: {runtime!r} (expected one of {', '.join(RUNTIMES)})")
     if not models:
         raise ValueError("Invalid models: {} (expected at least one model)")
     x = torch.randn(batch, *input_shape)
+    models = {key: deploy(m, x, runtime) for key, m in models.items()}
     for m in models.values():
-        m.eval()
         if warmup:  # off where one call takes seconds (it is then its own warm-up)
             m(x)
     wall: dict[str, list[float]] = {k: [] for k in models}
@@ -167,13 +205,16 @@ def measure_latency(
     return out
 
 
-def latency_levels(run_dir: str | Path, out_file: str | Path) -> str:
+def latency_levels(run_dir: str | Path, out_file: str | Path, runtime: str = "eager") -> str:
     """Shrink the run's model at each channel level (layer scope, L2; the widths do not depend
-    on the weights at layer scope) and time dense vs shrunk on 1 thread at batch 1 and 256."""
+    on the weights at layer scope) and time dense vs shrunk on 1 thread at batch 1 and 256,
+    every model executed by ``runtime`` (:data:`RUNTIMES`)."""
     from ..prune import shrink, structured_masks
     from .provenance import provenance
     from .runner import load_run
 
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Invalid runtime: {runtime!r} (expected one of {', '.join(RUNTIMES)})")
     if Path(out_file).is_file():
         return str(out_file)
     before = torch.get_num_threads()
@@ -186,7 +227,8 @@ def latency_levels(run_dir: str | Path, out_file: str | Path) -> str:
         for s in CHANNEL_SPARSITIES[1:]:
             models[f"{s:g}"] = shrink(dense, structured_masks(dense, s, "channel", scope="layer"))
         timed = {b: measure_latency(models, run.data.input_shape, batch=b,
-                                    rounds=LATENCY_ROUNDS[b]) for b in LATENCY_BATCHES}  # fmt: skip
+                                    rounds=LATENCY_ROUNDS[b], runtime=runtime)
+                 for b in LATENCY_BATCHES}  # fmt: skip
         rows = []
         for s in CHANNEL_SPARSITIES:
             key = "dense" if s == 0 else f"{s:g}"
@@ -200,7 +242,7 @@ def latency_levels(run_dir: str | Path, out_file: str | Path) -> str:
                 row[f"batch{b}_cpu_speedup"] = timed[b][key]["cpu_speedup"]
             rows.append(row)
         _io.atomic_write_json(out_file, {
-            "run": str(run_dir), "scope": "layer", "threads": 1,
+            "run": str(run_dir), "scope": "layer", "threads": 1, "runtime": runtime,
             "rounds": {str(b): LATENCY_ROUNDS[b] for b in LATENCY_BATCHES},
             "provenance": provenance(torch.device("cpu"),
                                      wall_seconds=time.perf_counter() - start),
@@ -314,7 +356,8 @@ def _model_section(out: Path, model: str, seeds: int) -> tuple[list[str], dict[s
     if lat_path.is_file():
         latency = json.loads(lat_path.read_text(encoding="utf-8"))
         lines += [
-            "Measured CPU latency of the physically smaller model (1 thread, median of "
+            "Measured CPU latency of the physically smaller model (1 thread, "
+            f"{latency.get('runtime', 'eager')} runtime, median of "
             f"{', '.join(f'{v} rounds at batch {k}' for k, v in latency['rounds'].items())}; "
             "dense and shrunk models interleaved; shrunk from the SFW-channel seed-0 run at layer "
             "scope, whose widths are the same for every run):",
