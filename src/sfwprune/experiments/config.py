@@ -19,6 +19,10 @@ from ..models import MODELS
 from ..train import PRECISIONS, SCHEDULES, OptimizerSpec
 
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
+# The grids' lr warm-up (epochs) for SFW runs that take one: a trace of the LeNet-5 runs that
+# died in epoch 1 found a loss spike at lr 1 that momentum carried to a far vertex; in its 1-epoch
+# runs a 0.2-epoch warm-up kept them alive (docs/algorithm.md §2).
+SFW_WARMUP = 0.2
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _io
-from .config import DEFAULT_SPARSITIES, TrainConfig
+from .config import DEFAULT_SPARSITIES, SFW_WARMUP, TrainConfig
 from .runner import SUMMARY_FILE
 
 SELECTION_SEED = 100
@@ -42,7 +42,6 @@ DENSE_TOLERANCE = 2.0
 # AC/DC's target sparsity: the middle of the 90-99% range the grid reports.
 ACDC_SPARSITY = 0.95
 CRAM_WARMUP = 2.0  # epochs (10% of the grid's 20)
-SFW_WARMUP = 0.2  # epochs: the "_wu" variants' lr warm-up (1% of the grid's 20)
 DEPLOY_SPARSITIES = (0.9, 0.95, 0.98, 0.99)  # the levels the report's targets are measured at
 _WARM = f"({CRAM_WARMUP:g}-epoch warm-up)"  # in the CrAM rows' labels
 TRAINED_METHODS: dict[str, dict[str, Any]] = {
@@ -104,8 +103,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
                          "schedule": "cosine", "constrained_tensors": "weights"},
     "ksup_kf0.1_v15_cos_w": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
                              "schedule": "cosine", "constrained_tensors": "weights"},
-    # with a 0.2-epoch linear lr warm-up ("_wu"): the cure the trace of the dead LeNet-5 seeds
-    # pointed to (in its 1-epoch runs the warm-up kept both dead configurations alive)
+    # with a linear lr warm-up of SFW_WARMUP epochs ("_wu"): the cure the trace of the dead
+    # LeNet-5 seeds pointed to
     "kf0.05_v15_wu": {"optimizer": "sfw", "warmup_epochs": SFW_WARMUP},
     "kf0.01_v30_cos_w_wu": {"optimizer": "sfw", "k_frac": 0.01, "radius_scale": 30.0,
                             "schedule": "cosine", "constrained_tensors": "weights",

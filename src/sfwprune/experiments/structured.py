@@ -31,13 +31,20 @@ import torch
 from torch import nn
 
 from .. import _io
-from .config import TrainConfig
+from .config import SFW_WARMUP, TrainConfig
 
 CHANNEL_SPARSITIES = (0.0, 0.25, 0.5, 0.75)
 K_FRAC = 0.25  # the channel set's K = round(k_frac · units) per layer
 METHODS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd"},
-    "sfw_channel": {"optimizer": "sfw", "constraint": "channel", "k_frac": K_FRAC},
+    # warm-up: without it LeNet-5 seed 2 died in epoch 1 (train loss 75), the lr-1 spike of
+    # config.SFW_WARMUP's comment
+    "sfw_channel": {
+        "optimizer": "sfw",
+        "constraint": "channel",
+        "k_frac": K_FRAC,
+        "warmup_epochs": SFW_WARMUP,
+    },
     "sfw_2of4": {"optimizer": "sfw", "constraint": "n_m", "nm_n": 2, "nm_m": 4},
 }
 _CH = {"structure": "channel", "sparsities": list(CHANNEL_SPARSITIES)}
