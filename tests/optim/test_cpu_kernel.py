@@ -178,3 +178,53 @@ def test_fixed_step_sizes_match_reference(rescale) -> None:
         out.append([p.detach().clone() for p in params])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_refused_first_step_and_mixed_dtypes_change_nothing() -> None:
+    """The kernel checks every gradient (all dtypes) before it writes any momentum; a refused
+    first step leaves no momentum buffer behind."""
+    torch.manual_seed(0)
+    w32 = nn.Parameter(torch.randn(200, 100))
+    w64 = nn.Parameter(torch.randn(50, dtype=torch.float64))
+    groups = [
+        {"params": [w32], **make_constraint("k_sparse", w32.numel(), k=900, radius=1.0).to_group(),
+         "name": "w32"},
+        {"params": [w64], **make_constraint("k_sparse", 50, k=5, radius=1.0).to_group(),
+         "name": "w64"},
+    ]  # fmt: skip
+    opt = SFW(groups, lr=1.0)
+    w32.grad, w64.grad = torch.randn(200, 100), torch.randn(50, dtype=torch.float64)
+    w64.grad[7] = float("inf")
+    before = (w32.detach().clone(), w64.detach().clone())
+    with pytest.raises(ValueError, match="param group 'w64'"):
+        opt.step()
+    assert torch.equal(before[0], w32) and torch.equal(before[1], w64)
+    assert "momentum_buffer" not in opt.state[w32] and "momentum_buffer" not in opt.state[w64]
+    w64.grad[7] = 0.0
+    opt.step()
+    m32 = opt.state[w32]["momentum_buffer"].clone()
+    w32.grad[3, 3] = float("nan")
+    before = (w32.detach().clone(), w64.detach().clone(), opt.state[w64]["momentum_buffer"].clone())
+    with pytest.raises(ValueError, match="param group 'w32'"):
+        opt.step()
+    assert torch.equal(before[0], w32) and torch.equal(before[1], w64)
+    assert torch.equal(m32, opt.state[w32]["momentum_buffer"])
+    assert torch.equal(before[2], opt.state[w64]["momentum_buffer"])
+
+
+def test_unchecked_non_finite_gradient_takes_the_reference_update() -> None:
+    """check_finite=False: a NaN gradient steps (through the reference update) like the loop."""
+    out = []
+    for foreach in (True, False):
+        w = nn.Parameter(torch.linspace(-1, 1, 40, dtype=torch.float64))
+        cset = make_constraint("k_sparse", 40, k=4, radius=1.0)
+        opt = SFW([{"params": [w], **cset.to_group()}], lr=0.5, foreach=foreach,
+                  check_finite=False)  # fmt: skip
+        w.grad = torch.ones(40, dtype=torch.float64)
+        opt.step()
+        w.grad = torch.ones(40, dtype=torch.float64)
+        w.grad[5] = float("nan")
+        opt.step()
+        out.append((w.detach().clone(), opt.state[w]["momentum_buffer"].clone()))
+    torch.testing.assert_close(out[0][0], out[1][0], equal_nan=True)
+    torch.testing.assert_close(out[0][1], out[1][1], equal_nan=True)

@@ -31,7 +31,18 @@ import torch
 from ._reference import reference_update_
 
 try:  # a dependency (pyproject); a broken install falls back to the batched torch path
-    from numba import njit
+    from numba import carray, njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _address(typingctx, addr):  # pragma: no cover - compiled
+        """An int64 address as a ``void*`` (for ``carray``)."""
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+        return types.voidptr(types.int64), codegen
 
     AVAILABLE = True
 except Exception:  # pragma: no cover - exercised where numba is missing or broken
@@ -75,8 +86,7 @@ def all_finite(x: np.ndarray) -> bool:  # pragma: no cover - compiled
 
 @_compiled(fastmath=_FM)
 def _momentum_pass(m, g, w, mode):  # pragma: no cover - compiled
-    """In place: ``m ← m + w(g - m)`` (mode 0), ``m ← g`` (1) or ``m`` as it is (2); returns
-    ``||m||²``."""
+    """In place: ``m ← m + w(g - m)`` (mode 0) or ``m ← g`` (mode 1); returns ``||m||²``."""
     n = m.size
     z = m.dtype.type(0.0)
     mm = 0.0
@@ -90,17 +100,31 @@ def _momentum_pass(m, g, w, mode):  # pragma: no cover - compiled
                 x = mb[i] + w * (gb[i] - mb[i])
                 mb[i] = x
                 acc += x * x
-        elif mode == 1:
+        else:
             for i in range(size):
                 x = gb[i]
                 mb[i] = x
                 acc += x * x
-        else:
-            for i in range(size):
-                x = mb[i]
-                acc += x * x
         mm += np.float64(acc)
     return mm
+
+
+@_compiled()
+def _momentum_rows(proto, rows, w, mm):  # pragma: no cover - compiled
+    """Pass 1 of every tensor of ``proto``'s dtype, ``rows[j] = (m, g, n, mode, check)``
+    (addresses, size, mode, check finiteness), ``w[j] = 1-ρ``: first every checked ``g`` is
+    read for NaN/inf, and the first row that holds one is returned with nothing changed;
+    then ``m`` is updated in place, ``mm[j] ← ||m||²``, and -1 is returned."""
+    dt = proto.dtype
+    for j in range(rows.shape[0]):
+        if rows[j, 4] and not all_finite(carray(_address(rows[j, 1]), rows[j, 2], dt)):
+            return j
+    for j in range(rows.shape[0]):
+        n = rows[j, 2]
+        m = carray(_address(rows[j, 0]), n, dt)
+        g = carray(_address(rows[j, 1]), n, dt)
+        mm[j] = _momentum_pass(m, g, m.dtype.type(w[j]), rows[j, 3])
+    return -1
 
 
 @_compiled(fastmath=_FM)
@@ -247,41 +271,46 @@ def _apply(theta, m, t, cut, r, mm, code, lr, l2_diameter):  # pragma: no cover 
     return eta
 
 
+@_compiled()
+def _small_rows(proto, rows, vals, scratch):  # pragma: no cover - compiled
+    """Passes 2-4 of the tensors that partition all of ``|m|`` (small ones), in one call:
+    ``rows[j] = (θ, m, n, k, rescale code)``, ``vals[j] = (radius, lr, ||m||², diameter)``."""
+    dt = proto.dtype
+    for j in range(rows.shape[0]):
+        n, k = rows[j, 2], rows[j, 3]
+        theta = carray(_address(rows[j, 0]), n, dt)
+        m = carray(_address(rows[j, 1]), n, dt)
+        t, count = _full_select(m, k, scratch)
+        cut = n
+        if count > k:  # ties at t: keep the lowest indices among them
+            above = 0
+            for i in range(n):
+                above += abs(m[i]) > t
+            cut = _tie_cut(m, t, k - above)
+        r = m.dtype.type(vals[j, 0])
+        _apply(theta, m, t, cut, r, vals[j, 2], rows[j, 4], vals[j, 1], vals[j, 3])
+
+
 class TensorKernel:
     """One tensor's compiled step: flat NumPy views, the threshold prediction, work arrays."""
 
     def __init__(self, p: Tensor) -> None:
         n = p.numel()
-        self.p, self.ptr = p, p.data_ptr()
+        self.p, self.ptr, self.n = p, p.data_ptr(), n
         self.theta = p.detach().view(-1).numpy()
-        self.m_view: tuple[int, np.ndarray] = (0, self.theta)
+        self.m_view: tuple[int, np.ndarray] = (0, self.theta)  # the momentum's, by address
         self.t_prev = self.mm_prev = 0.0
         self.delta = 0.01
-        self.flags = np.zeros(-(-n // 8) * 8, dtype=np.uint8)
+        self.flags = np.zeros(-(-n // 8) * 8 if n > SMALL else 0, dtype=np.uint8)
         self.words = self.flags.view(np.uint64)
-        self.band = np.empty(n, dtype=self.theta.dtype)
+        self.band = np.empty(n if n > SMALL else 0, dtype=self.theta.dtype)
         self.retries = 0  # band misses (tested)
         self.full = 0  # full partitions of |m|
 
-    def momentum_(self, rho: float, st: dict[str, Any]) -> tuple[Tensor, np.ndarray, float]:
-        """``m ← ρm + (1-ρ)g`` (``m = g`` the first time); ``(m, m flat, ||m||²)``."""
-        p, mode = self.p, MODE_LERP
-        buf = st.get("momentum_buffer")
-        if buf is None:
-            buf = st["momentum_buffer"] = torch.empty_like(p, memory_format=torch.contiguous_format)
-            mode = MODE_FIRST
-        elif not buf.is_contiguous():
-            buf = st["momentum_buffer"] = buf.contiguous()
+    def view(self, buf: Tensor) -> np.ndarray:
         if self.m_view[0] != buf.data_ptr():
             self.m_view = (buf.data_ptr(), buf.view(-1).numpy())
-        g = p.grad.detach()
-        if g.is_contiguous() and g.dtype == p.dtype:
-            g_np = g.view(-1).numpy()
-        else:  # unusual gradient layout: torch updates m, the kernel only reads it
-            buf.copy_(g) if mode == MODE_FIRST else buf.lerp_(g.to(buf.dtype), 1.0 - rho)
-            g_np, mode = self.m_view[1], MODE_READY
-        m = self.m_view[1]
-        return buf, m, float(_momentum_pass(m, g_np, m.dtype.type(1.0 - rho), mode))
+        return self.m_view[1]
 
     def threshold(self, m: np.ndarray, k: int, mm: float, scratch: np.ndarray) -> tuple:
         """The exact K-th largest ``|m_i|`` and how many entries reach it."""
@@ -308,37 +337,96 @@ class TensorKernel:
         return t, int(count)
 
 
+def _work(scratch: dict[np.dtype, np.ndarray], dtype: np.dtype, n: int) -> np.ndarray:
+    work = scratch.get(dtype)
+    if work is None or work.size < n:
+        work = scratch[dtype] = np.empty(n, dtype=dtype)
+    return work
+
+
 @torch.no_grad()
 def kernel_step_(
     items: list[tuple[dict[str, Any], Tensor]],
     state: dict[Tensor, dict[str, Any]],
     cache: dict[int, TensorKernel],
     scratch: dict[np.dtype, np.ndarray],
-) -> None:
+) -> dict[str, Any] | None:
     """One SFW step of each ``(group, p)``: ``p`` a contiguous float32/float64 CPU tensor of a
     K-sparse group. ``cache`` keeps each tensor's :class:`TensorKernel`, ``scratch`` one work
-    array per dtype; neither changes results."""
-    for group, p in items:
+    array per dtype; neither changes results.
+
+    Pass 1 is one compiled call per dtype (:func:`_momentum_rows`): it reads every gradient
+    of a ``check_finite`` group for NaN/inf first, and if one holds any, returns with nothing
+    changed; ``kernel_step_`` then returns that tensor's group (the caller refuses the step).
+    Else the momenta are updated in place and ``None`` is returned at the end. Tensors that
+    partition all of ``|m|`` (at most :data:`SMALL` entries, or ``4K > n``) then take one
+    compiled call per dtype (:func:`_small_rows`); the others take the band
+    (:meth:`TensorKernel.threshold`) one by one.
+    """
+    plans: list[tuple] = []
+    by_dtype: dict[np.dtype, list[int]] = {}
+    for j, (group, p) in enumerate(items):
         tk = cache.get(id(p))
         if tk is None or tk.p is not p or tk.ptr != p.data_ptr():
             tk = cache[id(p)] = TensorKernel(p)
-        buf, m, mm = tk.momentum_(group["momentum"], state[p])
+        st = state[p]
+        buf = st.get("momentum_buffer")
+        mode = MODE_LERP
+        if buf is None:  # into the state once every gradient has passed the check
+            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+            mode = MODE_FIRST
+        elif not buf.is_contiguous() or buf.dtype != p.dtype:
+            buf = buf.to(p.dtype).contiguous()
+        g = p.grad
+        if not g.is_contiguous() or g.dtype != p.dtype:  # unusual layout: a contiguous copy
+            g = g.detach().to(p.dtype).contiguous()
+        check = bool(group.get("check_finite", True))
+        plans.append((group, st, tk, buf, g, (buf.data_ptr(), g.data_ptr(), tk.n, mode, check)))
+        by_dtype.setdefault(tk.theta.dtype, []).append(j)
+    mms = [0.0] * len(plans)
+    if len(by_dtype) > 1:  # all gradients checked before any momentum changes
+        for group, _st, _tk, _buf, g, row in plans:
+            if row[4] and not all_finite(g.view(-1).numpy()):
+                return group
+    for dtype, js in by_dtype.items():
+        rows = np.array([plans[j][5] for j in js], dtype=np.int64)
+        w = np.array([1.0 - float(plans[j][0]["momentum"]) for j in js])
+        mm = np.empty(len(js))
+        bad = int(_momentum_rows(np.empty(0, dtype), rows, w, mm))
+        if bad >= 0:
+            return plans[js[bad]][0]
+        for j, v in zip(js, mm.tolist()):
+            mms[j] = v
+    small: dict[np.dtype, tuple[list, list, int]] = {}
+    for (group, st, tk, dst, _g, _row), mm in zip(plans, mms):
+        st["momentum_buffer"] = dst
+        p = tk.p
         if not math.isfinite(mm):  # NaN/inf in m: the reference orders NaN as torch does
             tk.t_prev = 0.0
-            reference_update_(p, buf, group)
+            reference_update_(p, dst, group)
             continue
-        n, k, radius = m.size, int(group["k"]), float(group["radius"])
-        work = scratch.get(m.dtype)
-        if work is None or work.size < n:
-            work = scratch[m.dtype] = np.empty(n, dtype=m.dtype)
+        n, k, radius = tk.n, int(group["k"]), float(group["radius"])
+        code = RESCALE_CODES[group["rescale"]]
+        l2_diameter = 2.0 * radius * math.sqrt(k)  # the K-sparse polytope's
+        if n <= SMALL or 4 * k > n:
+            rows_i, rows_f, most = small.get(tk.theta.dtype, ([], [], 0))
+            rows_i.append((tk.ptr, dst.data_ptr(), n, k, code))
+            rows_f.append((radius, float(group["lr"]), mm, l2_diameter))
+            small[tk.theta.dtype] = (rows_i, rows_f, max(most, n))
+            continue
+        m = tk.view(dst)
+        work = _work(scratch, m.dtype, n)
         t, count = tk.threshold(m, k, mm, work)
         dt = m.dtype.type
         cut = n
         if count > k:  # ties at t: keep the lowest indices among them
             above = count - int(np.count_nonzero(np.abs(m, out=work[:n]) == t))
             cut = int(_tie_cut(m, dt(t), k - above))
-        code = RESCALE_CODES[group["rescale"]]
-        l2_diameter = 2.0 * radius * math.sqrt(k)  # the K-sparse polytope's
         _apply(tk.theta, m, dt(t), cut, dt(radius), mm, code, float(group["lr"]), l2_diameter)
-        if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
+    for dtype, (rows_i, rows_f, most) in small.items():
+        _small_rows(np.empty(0, dtype), np.array(rows_i, dtype=np.int64),
+                    np.array(rows_f), _work(scratch, dtype, most))  # fmt: skip
+    if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
+        for _group, p in items:
             _increment_version(p)
+    return None

@@ -200,16 +200,9 @@ class SFW(torch.optim.Optimizer):
         index = next(i for i, g in enumerate(self.param_groups) if g is group)
         return group.get("name", str(index))
 
-    def _refuse_non_finite(self, reference: list, kernel: list, batched: list) -> None:
-        """Raise before anything changes if a checked gradient holds NaN/inf."""
-        for group, p in kernel:
-            g = p.grad
-            if group.get("check_finite", True) and not (
-                _cpu_kernel.all_finite(g.detach().view(-1).numpy())
-                if g.is_contiguous()
-                else bool(torch.isfinite(g).all())
-            ):
-                raise NonFiniteGradientError(self._name(group))
+    def _refuse_non_finite(self, reference: list, batched: list) -> None:
+        """Raise before anything changes if a checked gradient holds NaN/inf (the compiled
+        kernel checks its own tensors, inside its first pass, before it changes any)."""
         rest = [(group, p) for _, group, params in reference for p in params]
         rest += batched
         rest = [(group, p) for group, p in rest if group.get("check_finite", True)]
@@ -226,10 +219,13 @@ class SFW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         reference, kernel, batched = dispatch(self.param_groups)
-        self._refuse_non_finite(reference, kernel, batched)
+        self._refuse_non_finite(reference, batched)
         caches = self._caches()
         if kernel:
-            _cpu_kernel.kernel_step_(kernel, self.state, caches["kernel"], caches["scratch"])
+            refused = _cpu_kernel.kernel_step_(kernel, self.state, caches["kernel"],
+                                               caches["scratch"])  # fmt: skip
+            if refused is not None:
+                raise NonFiniteGradientError(self._name(refused))
         if batched:
             graphs = all(group.get("cuda_graph", True) for group, _ in batched)
             batched_step_(batched, self.state, caches["batched"], graphs)
