@@ -427,6 +427,10 @@ def kernel_step_(
         _small_rows(np.empty(0, dtype), np.array(rows_i, dtype=np.int64),
                     np.array(rows_f), _work(scratch, dtype, most))  # fmt: skip
     if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
-        for _group, p in items:
-            _increment_version(p)
+        params = [p for _group, p in items]
+        try:  # one call for all (torch >= 2.5: 1.0 µs for six tensors, 0.66 µs for one)
+            _increment_version(params)
+        except (TypeError, RuntimeError):  # torch < 2.5 takes one tensor
+            for p in params:
+                _increment_version(p)
     return None

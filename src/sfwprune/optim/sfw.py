@@ -87,7 +87,7 @@ def dispatch(
             continue
         fused = group.get("fused") is not False and _cpu_kernel.AVAILABLE
         for p in params:
-            if fused and p.device.type == "cpu" and p.dtype in _KERNEL_DTYPES and p.is_contiguous():
+            if fused and p.is_cpu and p.dtype in _KERNEL_DTYPES and p.is_contiguous():
                 kernel.append((group, p))
             else:
                 batched.append((group, p))
