@@ -31,6 +31,7 @@ def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
     data: dict[str, dict[str, Any]] = {}
     for key, (_, method, tag) in ROWS.items():
         per_seed, train_s, extra_s, init_s, level_s, steps = [], [], [], [], [], []
+        schedules = set()  # gradual rows: the largest step (1.0: the levels alone)
         for seed in range(seeds):
             if key == "sgd_finetune":
                 res = _load(out / model / "sgd_finetune" / f"seed{seed}.json")
@@ -56,13 +57,28 @@ def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
                 # reconstructions of the pruned levels: gradual rows count their steps (files
                 # from before gradual steps existed have none: one per level)
                 steps.append(sum(r.get("steps", 1) for r in res["rows"] if r["sparsity"] > 0))
+            sweep_cfg = res.get("config", {}).get("sweep", {})
+            if sweep_cfg.get("gradual"):
+                schedules.add(sweep_cfg.get("gradual_step", 1.0))
             if summary.get("sfw_init"):
                 init_s.append(summary["sfw_init"]["seconds"])
         if per_seed:
             data[key] = {"rows": per_seed, "train_seconds": train_s, "retrain_seconds": extra_s,
                          "init_seconds": init_s, "level_seconds": level_s,
-                         "steps": steps}  # fmt: skip
+                         "steps": steps, "gradual_steps": sorted(schedules)}  # fmt: skip
     return data
+
+
+def _schedule_text(data: dict[str, dict[str, Any]]) -> str:
+    """How the gradual rows stepped between levels, from their sweep files."""
+    found = sorted({s for d in data.values() for s in d.get("gradual_steps", [])})
+    if not found:
+        return "no gradual rows"
+    text = [
+        "the levels alone" if s >= 1.0 else f"steps of at most {s:g} of the kept weights"
+        for s in found
+    ]
+    return "gradual rows: " + " / ".join(text)
 
 
 def _pruned_levels(seconds: list[list[float]]) -> list[float]:
@@ -162,7 +178,7 @@ def _targets(
         out.append(
             f"- Reconstruction rows run gradually over the grid's levels, so reaching the top "
             f"level costs every pruned level and step before it: {worst_total:.1f} s for "
-            f"{steps} reconstructions (slowest row), "
+            f"{steps} reconstructions (slowest row; {_schedule_text(data)}), "
             f"{worst_total / ft_level:.2f} of one fine-tuning level"
         )
     for key in ("sfw_best", "sfw_best_recon"):
