@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .prune.masks import CRITERIA, INCLUDES, SCOPES
     from .prune.sweep import GRADUAL_STEP
 
+    gradual_step_help = (
+        "with --gradual: the largest fraction of the kept weights one step prunes; levels "
+        f"further apart get steps in between (default {GRADUAL_STEP}; 1: the levels alone)"
+    )
+
     parser = _Parser(
         prog="sfwprune",
         description="Train with Stochastic Frank-Wolfe, prune to any sparsity in one shot.",
@@ -104,11 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --reconstruct: levels in increasing order, each pruning on from the previous "
         "level's reconstructed weights",
     )  # fmt: skip
-    p.add_argument(
-        "--gradual-step", type=float, default=GRADUAL_STEP,
-        help="with --gradual: the largest fraction of the kept weights one step prunes; levels "
-        f"further apart get steps in between (default {GRADUAL_STEP}; 1: the levels alone)",
-    )  # fmt: skip
+    p.add_argument("--gradual-step", type=float, default=GRADUAL_STEP, help=gradual_step_help)
     p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bn-recalibrate", action="store_true")
     p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
     p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
+    p.add_argument(
+        "--gradual", action="store_true",
+        help="with --reconstruct: reach --sparsity in steps, each pruning on from the previous "
+        "step's reconstructed weights (as sweep --gradual)",
+    )  # fmt: skip
+    p.add_argument("--gradual-step", type=float, default=GRADUAL_STEP, help=gradual_step_help)
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
     p.add_argument("--structure", help=_STRUCTURE)
     p.add_argument("--norm", type=int, default=2, help=_NORM)
@@ -268,6 +275,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         args.run_dir, sparsity, args.out, scope=args.scope, include=args.include,
         criterion=args.criterion, dtype=args.dtype, bn_recalibrate=args.bn_recalibrate,
         reconstruct=args.reconstruct, calibration_size=args.calibration_size,
+        gradual=args.gradual, gradual_step=args.gradual_step,
         allow_partial=args.allow_partial, structure=args.structure, norm=args.norm,
         indivisible=args.indivisible,
     )  # fmt: skip

@@ -192,12 +192,19 @@ def test_sweep_and_prune_with_reconstruction(run_dir: Path, tmp_path: Path, caps
     assert main(["prune", str(run_dir), "--sparsity", "0.9", "--reconstruct",
                  "--criterion", "wanda", "--calibration-size", "128", "--out", str(out)]) == 0  # fmt: skip
     assert "90% sparsity" in capsys.readouterr().out and out.is_file()
+    gradual = tmp_path / "gradual.pt"
+    assert main(["prune", str(run_dir), "--sparsity", "0.9", "--reconstruct", "--gradual",
+                 "--gradual-step", "0.5", "--calibration-size", "128", "--out", str(gradual)]) == 0  # fmt: skip
+    assert "90% sparsity" in capsys.readouterr().out and gradual.is_file()
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["sweep", "--reconstruct", "--calibration-size", "0"], "Invalid calibration_size: 0"),
+        (["prune", "--sparsity", "0.5", "--gradual"], "Invalid gradual: True"),
+        (["prune", "--sparsity", "0.5", "--reconstruct", "--gradual", "--gradual-step", "2"],
+         "Invalid gradual_step: 2.0"),
         (["prune", "--sparsity", "0.5", "--reconstruct", "--calibration-size", "-3"],
          "Invalid calibration_size: -3"),
         (["prune", "--sparsity", "0.5", "--criterion", "taylor"], "Invalid criterion: 'taylor'"),

@@ -261,6 +261,43 @@ def test_gradual_steps_between_levels_equal_a_hand_built_chain(make_convbn):
             assert torch.equal(got[k], v), k
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
+def test_gradual_prune_is_the_single_level_gradual_sweep(make_convbn, criterion):
+    model, calibration, _, seen, evaluate = _recording_sweep_setup(make_convbn)
+    rows = sparsity_sweep(
+        model, evaluate, [0.9], calibration=calibration, reconstruct=True, gradual=True,
+        gradual_step=0.4, criterion=criterion,
+    )  # fmt: skip
+    assert rows[0]["steps"] == 5  # kept 1 -> 0.1 by factors >= 0.6 (0.6**4 > 0.1): five steps
+    ref = make_convbn()
+    ref.train()
+    masks = sweep_module.gradual_prune_(
+        ref, 0.9, calibration, gradual_step=0.4, criterion=criterion
+    )
+    assert_bit_identical(ref, seen[0])
+    for name, p in ref.named_parameters():
+        if name in masks:
+            assert not p[~masks[name]].any(), name
+
+
+def test_gradual_prune_refuses_bad_input_and_changes_nothing(lenet300):
+    state = snapshot(lenet300)
+    calibration = [torch.randn(4, 1, 28, 28)]
+    for kwargs, match in [
+        ({"gradual_step": 0.0}, "Invalid gradual_step"),
+        ({"criterion": "random"}, "Invalid criterion"),
+        ({"scope": "row"}, "Invalid scope"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sweep_module.gradual_prune_(lenet300, 0.5, calibration, **kwargs)
+    for calibration, match in [([], "empty"), ([torch.randn(2, 5)], "shape")]:
+        with pytest.raises(ValueError, match=match):
+            sweep_module.gradual_prune_(lenet300, 0.5, calibration)
+    with pytest.raises(ValueError, match="Invalid sparsity"):
+        sweep_module.gradual_prune_(lenet300, 1.5, [torch.randn(4, 1, 28, 28)])
+    assert_bit_identical(lenet300, state)
+
+
 @pytest.mark.parametrize("step", [0.1, 0.25, 0.5, 0.9])
 def test_gradual_schedule_bounds_every_step(step):
     levels = [0.99, 0.0, 0.5, 0.9, 0.95, 0.98]

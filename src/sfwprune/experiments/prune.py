@@ -27,6 +27,7 @@ from typing import Any
 from .. import _io
 from .._checks import check_bool, check_choice, check_int
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES, check_sparsity
+from ..prune.sweep import GRADUAL_STEP, check_gradual
 
 DTYPES = ("float32", "float16", "bfloat16")
 STRUCTURED_FORMAT = "sfwprune.structured/1"
@@ -58,6 +59,8 @@ def prune_run(
     bn_recalibrate: bool = False,
     reconstruct: bool = False,
     calibration_size: int = 2048,
+    gradual: bool = False,
+    gradual_step: float = GRADUAL_STEP,
     allow_partial: bool = False,
     structure: str | None = None,
     norm: int = 2,
@@ -69,7 +72,8 @@ def prune_run(
     (:func:`~sfwprune.experiments.runner.check_output_file`); a run still training or not
     finished is refused unless ``allow_partial`` (:func:`~sfwprune.experiments.runner.load_run`).
     ``reconstruct`` re-solves the kept weights on ``calibration_size`` training images (also the
-    inputs of ``criterion="wanda"``), before the file is written.
+    inputs of ``criterion="wanda"``), before the file is written; with ``gradual`` through the
+    gradual schedule (:func:`sfwprune.prune.gradual_prune_`, steps of at most ``gradual_step``).
 
     ``structure="channel"`` (``sparsity``: fraction of output units; ``scope``; ``norm`` 1 or 2)
     writes the physically smaller model, ``"N:M"`` (e.g. ``"2:4"``; ``indivisible``) writes 2:4
@@ -81,6 +85,7 @@ def prune_run(
 
     from ..prune import (
         format_report,
+        gradual_prune_,
         load_pruned,
         needs_calibration,
         prune_,
@@ -97,6 +102,7 @@ def prune_run(
     check_choice("include", include, INCLUDES)
     check_choice("criterion", criterion, CRITERIA)
     check_bool("reconstruct", reconstruct)
+    check_gradual(gradual, reconstruct, structure, gradual_step)
     check_int("calibration_size", calibration_size, 1)
     check_choice("dtype", dtype, DTYPES)
     check_bool("bn_recalibrate", bn_recalibrate)
@@ -132,8 +138,13 @@ def prune_run(
             1 - nm[0] / nm[1] if nm else sparsity, test["accuracy"],
             _structured_report(payload, dense), out, run.epoch, dtype, structure, latency, count,
         )  # fmt: skip
-    prune_(model, sparsity, scope=scope, include=include, criterion=criterion,
-           calibration=calibration, reconstruct=reconstruct)  # fmt: skip
+    if gradual:
+        assert calibration is not None
+        gradual_prune_(model, sparsity, calibration, gradual_step=gradual_step, scope=scope,
+                       criterion=criterion, include=include)  # fmt: skip
+    else:
+        prune_(model, sparsity, scope=scope, include=include, criterion=criterion,
+               calibration=calibration, reconstruct=reconstruct)  # fmt: skip
     if bn_recalibrate:
         recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
     save_pruned(model, out, dtype=getattr(torch, dtype))

@@ -19,7 +19,7 @@ from .semi_structured import SEMI_STRUCTURED_SHAPES, follows_n_m, semi_structure
 from .shrink import resize_, shrink, shrink_spec
 from .sparse import SparseLinear, to_sparse_inference
 from .structured import channel_spaces, structured_masks
-from .sweep import Ranking, sparsity_sweep
+from .sweep import Ranking, gradual_prune_, sparsity_sweep
 
 __all__ = [
     "CRITERIA",
@@ -33,6 +33,7 @@ __all__ = [
     "check_sparsity",
     "follows_n_m",
     "format_report",
+    "gradual_prune_",
     "load_pruned",
     "needs_calibration",
     "prunable_parameters",

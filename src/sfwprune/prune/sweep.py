@@ -146,6 +146,61 @@ def gradual_schedule(
     return out
 
 
+def _gradual_step_(
+    model: nn.Module,
+    sparsity: float,
+    calibration: list[Any],
+    dense: nn.Module,
+    previous: Mapping[str, Tensor] | None,
+    prune_kwargs: Mapping[str, Any],
+) -> tuple[Ranking, dict[str, Tensor]]:
+    """One step of the gradual schedule, in place: rank the weights as they are (the entries
+    ``previous`` pruned first), prune to ``sparsity``, reconstruct against ``dense``."""
+    ranking = Ranking(model, calibration=calibration, keep=previous, **prune_kwargs)
+    masks = ranking.masks(sparsity)
+    with torch.no_grad():
+        for p, keep in zip(ranking.params, masks.values(), strict=True):
+            p.masked_fill_(~keep, 0)
+    reconstruct_(model, masks, calibration, dense=dense)
+    return ranking, masks
+
+
+def gradual_prune_(
+    model: nn.Module,
+    sparsity: float,
+    calibration: Iterable[Any],
+    *,
+    gradual_step: float = GRADUAL_STEP,
+    scope: str = "global",
+    criterion: str = "magnitude",
+    include: str = "weights",
+) -> dict[str, Tensor]:
+    """Prune ``model`` in place to ``sparsity`` through the gradual schedule from its dense
+    weights (:func:`gradual_schedule` of ``[sparsity]``): each step ranks the previous step's
+    reconstructed weights, prunes on and reconstructs against the dense model on
+    ``calibration``. Returns the keep masks, as :func:`prune_`.
+
+    It is the schedule of a gradual :func:`sparsity_sweep` whose only level is ``sparsity``; a
+    sweep over several levels steps through them too, so its row at ``sparsity`` may differ a
+    little. Bad input raises before anything changes.
+    """
+    level = check_sparsity(sparsity)
+    check_gradual(True, True, None, gradual_step)
+    check_options(scope, criterion, include, None)
+    if criterion == "random":
+        raise ValueError(
+            "Invalid criterion: 'random' (gradual pruning ranks by magnitude or wanda)"
+        )
+    chunks = check_calibration(model, calibration)
+    dense = copy.deepcopy(model)
+    kwargs = {"scope": scope, "criterion": criterion, "include": include}
+    masks: dict[str, Tensor] | None = None
+    for step, _ in gradual_schedule([level], gradual_step):
+        _, masks = _gradual_step_(model, step, chunks, dense, masks, kwargs)
+    assert masks is not None
+    return masks
+
+
 def _replayable(batches: Iterable[Any] | None) -> Iterable[Any] | None:
     # every level reads the batches again, so a one-shot iterator is materialized once
     if batches is not None and iter(batches) is batches:
@@ -276,24 +331,27 @@ def sparsity_sweep(
             bar = tqdm(plan, desc="sparsity sweep", unit="step", delay=2.0, leave=False)
         for sparsity, index in bar:
             start = time.perf_counter()
-            if previous is not None:
-                # gradual: rank the previous level's reconstructed weights, its zeros pruned first
-                ranking = Ranking(model, calibration=calibration, keep=previous, **prune_kwargs)
+            if previous is not None:  # gradual, after the first step
+                assert chunks is not None and dense is not None
+                ranking, masks = _gradual_step_(
+                    model, sparsity, chunks, dense, previous, prune_kwargs
+                )
+                previous = masks
             else:
                 _restore(saved)
-            if ranking is None:
-                assert level_masks is not None and structure is not None
-                masks = level_masks[index]
-                apply_masks_(model, masks)
-            else:
-                masks = ranking.masks(sparsity)
-                with torch.no_grad():
-                    for p, keep in zip(ranking.params, masks.values(), strict=True):
-                        p.masked_fill_(~keep, 0)
-            if chunks is not None:
-                reconstruct_(model, masks, chunks, dense=dense)
-                if gradual:
-                    previous = masks
+                if ranking is None:
+                    assert level_masks is not None and structure is not None
+                    masks = level_masks[index]
+                    apply_masks_(model, masks)
+                else:
+                    masks = ranking.masks(sparsity)
+                    with torch.no_grad():
+                        for p, keep in zip(ranking.params, masks.values(), strict=True):
+                            p.masked_fill_(~keep, 0)
+                if chunks is not None:
+                    reconstruct_(model, masks, chunks, dense=dense)
+                    if gradual:
+                        previous = masks
             steps += 1
             if index is None:  # a gradual step between two levels: not evaluated
                 spent += time.perf_counter() - start
