@@ -8,13 +8,21 @@
 2. Selection output: on 235,200 standard-normal float32 entries, the time of a pass writing band
    flags (what the kernel does) against a pass compacting the selected entries' indices (what a
    sparse θ update would need). One thread, medians of ``--repeats``.
+3. CPU clocks (why ``benchmarks/step_time.py`` sums per-thread clocks): LeNet-300-100 steps of
+   SGD and SFW, interleaved, at 2 torch threads (batch 128, ``--clock-steps`` each). Per step:
+   wall time, ``time.process_time()``, the calling thread's ``time.thread_time()`` and the sum
+   of every thread's own CPU clock. The other threads' share of ``process_time``
+   (``process_time - thread_time``) is reported in 1 ms bins: on Linux it is charged at
+   scheduler ticks, so it is quantized.
 
-    python benchmarks/kernel_probes.py [--steps 1500] [--repeats 500] [--out f.json]
+    python benchmarks/kernel_probes.py [--steps 1500] [--repeats 500] [--clock-steps 1000]
+        [--out f.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -106,10 +114,71 @@ def selection_times(repeats: int) -> dict:
     }
 
 
+def _thread_clock_ids() -> list[int]:
+    """Linux ``MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`` of every thread of this process."""
+    return [((~int(tid)) << 3) | 2 | 4 for tid in os.listdir("/proc/self/task")]
+
+
+def cpu_clocks(steps: int) -> dict:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    base = build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    runs = {}
+    for name in ("sgd", "sfw"):
+        model = copy.deepcopy(base)
+        opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if name == "sgd"
+               else SFW(constraint_groups(model)))  # fmt: skip
+        runs[name] = (model, opt)
+    batches = [(torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))) for _ in range(8)]
+
+    def step(name: str, r: int) -> None:
+        model, opt = runs[name]
+        x, y = batches[r % len(batches)]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for r in range(50):
+        for name in runs:
+            step(name, r)
+    ids = _thread_clock_ids()
+
+    def clocks() -> float:
+        return sum(time.clock_gettime(c) for c in ids)
+
+    rows: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(steps):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            k0, p0, h0, t0 = clocks(), time.process_time(), time.thread_time(), time.perf_counter()
+            step(name, r)
+            t1, h1, p1, k1 = time.perf_counter(), time.thread_time(), time.process_time(), clocks()
+            rows[name].append((t1 - t0, p1 - p0, h1 - h0, k1 - k0))
+    out: dict = {"torch_threads": torch.get_num_threads(), "threads": len(ids),
+                 "load_average_1min": os.getloadavg()[0]}  # fmt: skip
+    for name, xs in rows.items():
+        wall, proc, own, summed = (np.array(c) * 1e3 for c in zip(*xs))
+        bins = np.bincount(np.clip(np.rint(proc - own), 0, 8).astype(int), minlength=9)
+        out[name] = {
+            "wall_ms_median": float(np.median(wall)),
+            "process_time_ms_median": float(np.median(proc)),
+            "process_time_ms_mean": float(proc.mean()),
+            "thread_clocks_ms_median": float(np.median(summed)),
+            "thread_clocks_ms_mean": float(summed.mean()),
+            "other_threads_process_time_ms_bins_0_to_8": bins.tolist(),
+        }
+    for key in ("wall_ms_median", "process_time_ms_median", "thread_clocks_ms_median"):
+        out[f"sfw_over_sgd_{key}"] = out["sfw"][key] / out["sgd"][key]
+    torch.set_num_threads(1)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--repeats", type=int, default=500)
+    p.add_argument("--clock-steps", type=int, default=1000, help="0 skips the CPU-clock probe")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -119,6 +188,8 @@ def main() -> None:
         "threshold_prediction_relative_error": prediction_errors(args.steps),
         "selection_output": selection_times(args.repeats),
     }
+    if args.clock_steps > 0:
+        result["cpu_clocks_2_threads"] = cpu_clocks(args.clock_steps)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
