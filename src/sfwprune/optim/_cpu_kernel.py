@@ -272,6 +272,54 @@ def _apply(theta, m, t, cut, r, mm, code, lr, l2_diameter):  # pragma: no cover 
 
 
 @_compiled()
+def _ties_apply(theta, m, t, count, k, radius, mm, code, lr, l2_diameter):  # pragma: no cover
+    """Passes 3-4 for the threshold ``t`` reached by ``count`` entries: ties at ``t`` keep the
+    lowest indices (the cut), then :func:`_apply`."""
+    n = m.size
+    cut = n
+    if count > k:
+        above = 0
+        for i in range(n):
+            above += abs(m[i]) > t
+        cut = _tie_cut(m, t, k - above)
+    return _apply(theta, m, t, cut, m.dtype.type(radius), mm, code, lr, l2_diameter)
+
+
+@_compiled()
+def _band_step(theta, m, k, mm, pred, counts, flags, words, band, scratch, radius, code, lr,
+               l2_diameter):  # fmt: skip  # pragma: no cover - compiled
+    """Passes 2-4 of one large tensor. ``pred = [t_prev, ||m_prev||², δ]`` (updated): ``t`` is
+    predicted as ``t_prev·||m||/||m_prev||`` and looked for in the band ``[t(1-δ), t(1+δ))``,
+    which widens once on the side that missed; the last resort partitions all of ``|m|``.
+    ``δ`` then follows the prediction's error. ``counts = [band misses, full partitions]``."""
+    dt = m.dtype.type
+    t_prev, mm_prev, delta = pred[0], pred[1], pred[2]
+    guess, status, t, count = 0.0, 1, dt(0.0), 0
+    if t_prev > 0 and mm_prev > 0 and mm > 0:
+        guess = t_prev * math.sqrt(mm / mm_prev)
+        lo, hi = guess * (1.0 - delta), guess * (1.0 + delta)
+        for attempt in range(2):
+            status, t, count = _band_select(m, dt(lo), dt(hi), k, flags, words, band)
+            if status == 0:
+                break
+            if attempt == 0:
+                counts[0] += 1
+            if status > 0:
+                lo, hi = hi, 1.5 * hi
+            else:
+                lo, hi = 0.5 * lo, lo
+    if guess == 0.0 or status != 0:
+        counts[1] += 1
+        t, count = _full_select(m, k, scratch)
+    tf = np.float64(t)
+    if guess > 0 and tf > 0:  # the band follows the prediction's error
+        err = 0.001 + 2.5 * abs(tf / guess - 1.0)
+        pred[2] = min(0.25, max(max(0.002, err), 0.8 * delta))
+    pred[0], pred[1] = tf, mm
+    _ties_apply(theta, m, t, count, k, radius, mm, code, lr, l2_diameter)
+
+
+@_compiled()
 def _small_rows(proto, rows, vals, scratch):  # pragma: no cover - compiled
     """Passes 2-4 of the tensors that partition all of ``|m|`` (small ones), in one call:
     ``rows[j] = (θ, m, n, k, rescale code)``, ``vals[j] = (radius, lr, ||m||², diameter)``."""
@@ -281,14 +329,9 @@ def _small_rows(proto, rows, vals, scratch):  # pragma: no cover - compiled
         theta = carray(_address(rows[j, 0]), n, dt)
         m = carray(_address(rows[j, 1]), n, dt)
         t, count = _full_select(m, k, scratch)
-        cut = n
-        if count > k:  # ties at t: keep the lowest indices among them
-            above = 0
-            for i in range(n):
-                above += abs(m[i]) > t
-            cut = _tie_cut(m, t, k - above)
-        r = m.dtype.type(vals[j, 0])
-        _apply(theta, m, t, cut, r, vals[j, 2], rows[j, 4], vals[j, 1], vals[j, 3])
+        _ties_apply(
+            theta, m, t, count, k, vals[j, 0], vals[j, 2], rows[j, 4], vals[j, 1], vals[j, 3]
+        )
 
 
 class TensorKernel:
@@ -299,42 +342,24 @@ class TensorKernel:
         self.p, self.ptr, self.n = p, p.data_ptr(), n
         self.theta = p.detach().view(-1).numpy()
         self.m_view: tuple[int, np.ndarray] = (0, self.theta)  # the momentum's, by address
-        self.t_prev = self.mm_prev = 0.0
-        self.delta = 0.01
+        self.pred = np.array([0.0, 0.0, 0.01])  # t_prev, ||m_prev||², band half-width δ
+        self.counts = np.zeros(2, dtype=np.int64)  # band misses, full partitions (tested)
         self.flags = np.zeros(-(-n // 8) * 8 if n > SMALL else 0, dtype=np.uint8)
         self.words = self.flags.view(np.uint64)
         self.band = np.empty(n if n > SMALL else 0, dtype=self.theta.dtype)
-        self.retries = 0  # band misses (tested)
-        self.full = 0  # full partitions of |m|
+
+    @property
+    def retries(self) -> int:
+        return int(self.counts[0])
+
+    @property
+    def full(self) -> int:
+        return int(self.counts[1])
 
     def view(self, buf: Tensor) -> np.ndarray:
         if self.m_view[0] != buf.data_ptr():
             self.m_view = (buf.data_ptr(), buf.view(-1).numpy())
         return self.m_view[1]
-
-    def threshold(self, m: np.ndarray, k: int, mm: float, scratch: np.ndarray) -> tuple:
-        """The exact K-th largest ``|m_i|`` and how many entries reach it."""
-        n, dt = m.size, m.dtype.type
-        pred, status = 0.0, 1
-        if self.t_prev > 0 and self.mm_prev > 0 and mm > 0 and n > SMALL and 4 * k <= n:
-            pred = self.t_prev * math.sqrt(mm / self.mm_prev)
-            lo, hi = pred * (1.0 - self.delta), pred * (1.0 + self.delta)
-            for attempt in range(2):
-                status, t, count = _band_select(m, dt(lo), dt(hi), k, self.flags, self.words,
-                                                self.band)  # fmt: skip
-                if status == 0:
-                    break
-                self.retries += attempt == 0  # one wider band on the side that missed
-                lo, hi = (hi, 1.5 * hi) if status > 0 else (0.5 * lo, lo)
-        if pred == 0.0 or status != 0:
-            self.full += n > SMALL
-            t, count = _full_select(m, k, scratch)
-        t = float(t)
-        if pred > 0 and t > 0:  # the band follows the prediction's error
-            err = 0.001 + 2.5 * abs(t / pred - 1.0)
-            self.delta = min(0.25, max(0.002, err, 0.8 * self.delta))
-        self.t_prev, self.mm_prev = t, mm
-        return t, int(count)
 
 
 def _work(scratch: dict[np.dtype, np.ndarray], dtype: np.dtype, n: int) -> np.ndarray:
@@ -361,7 +386,7 @@ def kernel_step_(
     Else the momenta are updated in place and ``None`` is returned at the end. Tensors that
     partition all of ``|m|`` (at most :data:`SMALL` entries, or ``4K > n``) then take one
     compiled call per dtype (:func:`_small_rows`); the others take the band
-    (:meth:`TensorKernel.threshold`) one by one.
+    (:func:`_band_step`), one call each.
     """
     plans: list[tuple] = []
     by_dtype: dict[np.dtype, list[int]] = {}
@@ -402,7 +427,7 @@ def kernel_step_(
         st["momentum_buffer"] = dst
         p = tk.p
         if not math.isfinite(mm):  # NaN/inf in m: the reference orders NaN as torch does
-            tk.t_prev = 0.0
+            tk.pred[0] = 0.0
             reference_update_(p, dst, group)
             continue
         n, k, radius = tk.n, int(group["k"]), float(group["radius"])
@@ -415,14 +440,8 @@ def kernel_step_(
             small[tk.theta.dtype] = (rows_i, rows_f, max(most, n))
             continue
         m = tk.view(dst)
-        work = _work(scratch, m.dtype, n)
-        t, count = tk.threshold(m, k, mm, work)
-        dt = m.dtype.type
-        cut = n
-        if count > k:  # ties at t: keep the lowest indices among them
-            above = count - int(np.count_nonzero(np.abs(m, out=work[:n]) == t))
-            cut = int(_tie_cut(m, dt(t), k - above))
-        _apply(tk.theta, m, dt(t), cut, dt(radius), mm, code, float(group["lr"]), l2_diameter)
+        _band_step(tk.theta, m, k, mm, tk.pred, tk.counts, tk.flags, tk.words, tk.band,
+                   _work(scratch, m.dtype, n), radius, code, float(group["lr"]), l2_diameter)  # fmt: skip
     for dtype, (rows_i, rows_f, most) in small.items():
         _small_rows(np.empty(0, dtype), np.array(rows_i, dtype=np.int64),
                     np.array(rows_f), _work(scratch, dtype, most))  # fmt: skip
