@@ -63,8 +63,9 @@ def test_grid_runs_selects_and_reports(tmp_path) -> None:
     text = results.read_text()
     assert f"`{git_revision()}`" in text and "Code revision(s) behind these numbers (1;" in text
     for label in ("1. SGD + magnitude", "3. SGD + magnitude + fine-tune",
-                  "4. SGD + magnitude + reconstruction", "8. SFW + reconstruction", "13. CrAM+",
-                  "15. AC/DC", "17. SFW fed the CrAM+ gradient", "How it was measured",
+                  "4. SGD + magnitude + reconstruction", "8. SFW + reconstruction",
+                  "13. SFW, K-support ball, weights only", "14. CrAM+", "16. AC/DC",
+                  "18. SFW fed the CrAM+ gradient", "How it was measured",
                   "Best row per sparsity", "reaching the top level costs"):  # fmt: skip
         assert label in text
     assert (tmp_path / "docs" / "repro_lenet300.png").is_file()

@@ -139,7 +139,7 @@ def _targets(
     sgd_dense = _at(stats, "sgd", idx, 0.0)
     high = [s for s in (0.9, 0.95, 0.98, 0.99) if s in idx]
     # calibrated reconstruction: SFW (some variant) + reconstruction vs SGD + fine-tuning
-    sfw_recon = [k for k in ("sfw_recon", "sfw_best_recon") if k in stats]
+    sfw_recon = [k for k in ("sfw_recon", "sfw_best_recon", "sfw_ksup_wu_recon") if k in stats]
     for key in sfw_recon:
         cells, ok = [], True
         for s in high:
@@ -181,7 +181,7 @@ def _targets(
             f"{steps} reconstructions (slowest row; {_schedule_text(data)}), "
             f"{worst_total / ft_level:.2f} of one fine-tuning level"
         )
-    for key in ("sfw_best", "sfw_best_recon"):
+    for key in ("sfw_best", "sfw_best_recon", "sfw_ksup_wu_recon"):
         if key in stats:
             d = _at(stats, key, idx, 0.0)
             out.append(
