@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sfwprune.experiments.provenance import git_revision
 from sfwprune.experiments.report import write_report
 from sfwprune.experiments.reproduce import ReproduceConfig, grid_revisions, run_reproduce
@@ -89,3 +91,20 @@ def test_grid_jobs_on_a_process_pool_follow_their_dependencies() -> None:
         grid.wait()
     keys = [line.split()[1] for line in log]
     assert sorted(keys) == ["a", "b", "c"] and keys.index("c") > keys.index("a")
+
+
+def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path) -> None:
+    from sfwprune.experiments.reproduce import SWEEPS, train_and_sweep
+
+    rc = ReproduceConfig(dataset="synthetic", models=("lenet300",), epochs=1, limit=64)
+    run = tmp_path / "sfw_best" / "seed0"
+    first = rc.train_config("lenet300", {"optimizer": "sfw", "k_frac": 0.1}, 0)
+    sweeps = {None: SWEEPS[None]}
+    train_and_sweep(first.to_dict(), str(run), [0.0, 0.5], sweeps)
+    files = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    train_and_sweep(first.to_dict(), str(run), [0.0, 0.5], sweeps)  # same config: reused as is
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files
+    other = rc.train_config("lenet300", {"optimizer": "sfw", "k_frac": 0.01}, 0)
+    with pytest.raises(ValueError, match="holds a finished run of another config"):
+        train_and_sweep(other.to_dict(), str(run), [0.0, 0.5], sweeps)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files

@@ -216,6 +216,23 @@ def _worker_init() -> None:
     torch.set_num_threads(int(os.environ.get("SFWPRUNE_WORKER_THREADS", "1")))
 
 
+def check_same_config(run: Path, cfg: TrainConfig) -> None:
+    """Refuse a finished run folder whose training config is not ``cfg`` (e.g. the folder of a
+    selected variant that a new selection replaced): reusing it would report another method."""
+    from .runner import read_config
+
+    held = read_config(run).to_dict()
+    wanted = cfg.to_dict()
+    diff = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(
+            f"Invalid run folder: {str(run)!r} holds a finished run of another config "
+            f"({k}: {held.get(k)!r}, this grid wants {wanted.get(k)!r}); delete the folder to "
+            "train it again, or choose a new --out"
+        )
+
+
 def train_and_sweep(
     cfg_dict: dict[str, Any],
     run_dir: str,
@@ -231,7 +248,9 @@ def train_and_sweep(
 
     cfg = TrainConfig.from_dict(cfg_dict)
     run = Path(run_dir)
-    if not (run / SUMMARY_FILE).is_file():
+    if (run / SUMMARY_FILE).is_file():
+        check_same_config(run, cfg)  # a finished run is reused only for the config it ran
+    else:
         train_run(cfg, run, resume="auto", quiet=True)
     for tag, fields in sweeps.items():
         if (run / f"{sweep_file_name(tag)}.json").is_file():
