@@ -109,24 +109,6 @@ def _momentum_pass(m, g, w, mode):  # pragma: no cover - compiled
     return mm
 
 
-@_compiled()
-def _momentum_rows(proto, rows, w, mm):  # pragma: no cover - compiled
-    """Pass 1 of every tensor of ``proto``'s dtype, ``rows[j] = (m, g, n, mode, check)``
-    (addresses, size, mode, check finiteness), ``w[j] = 1-ρ``: first every checked ``g`` is
-    read for NaN/inf, and the first row that holds one is returned with nothing changed;
-    then ``m`` is updated in place, ``mm[j] ← ||m||²``, and -1 is returned."""
-    dt = proto.dtype
-    for j in range(rows.shape[0]):
-        if rows[j, 4] and not all_finite(carray(_address(rows[j, 1]), rows[j, 2], dt)):
-            return j
-    for j in range(rows.shape[0]):
-        n = rows[j, 2]
-        m = carray(_address(rows[j, 0]), n, dt)
-        g = carray(_address(rows[j, 1]), n, dt)
-        mm[j] = _momentum_pass(m, g, m.dtype.type(w[j]), rows[j, 3])
-    return -1
-
-
 @_compiled(fastmath=_FM)
 def _band_flags(m, lo, hi, flags):  # pragma: no cover - compiled
     """``flags[i] = lo <= |m_i| < hi``; returns ``#{|m_i| >= hi}``."""
@@ -320,33 +302,63 @@ def _band_step(theta, m, k, mm, pred, counts, flags, words, band, scratch, radiu
 
 
 @_compiled()
-def _small_rows(proto, rows, vals, scratch):  # pragma: no cover - compiled
-    """Passes 2-4 of the tensors that partition all of ``|m|`` (small ones), in one call:
-    ``rows[j] = (θ, m, n, k, rescale code)``, ``vals[j] = (radius, lr, ||m||², diameter)``."""
+def _step_rows(proto, rows, vals, mm, scratch):  # pragma: no cover - compiled
+    """The whole step of every tensor of ``proto``'s dtype in one call. ``rows[j] = (θ, m, g,
+    n, mode, check, k, rescale code, band, pred, counts, flags)`` (addresses and integers;
+    ``band`` 0: partition all of ``|m|``, 1: :func:`_band_step` with the tensor's ``pred``
+    (3 float64), ``counts`` (2 int64) and ``flags`` (``n`` rounded up to 8 bytes, followed by
+    the band's ``n`` values)), ``vals[j] = (1-ρ, lr, radius, diameter)``.
+
+    Pass 1 first reads every checked ``g`` for NaN/inf; the first row that holds one is
+    returned (>= 0) with nothing changed. Then every momentum is updated in place
+    (``mm[j] ← ||m||²``), and every tensor with a finite ``||m||`` takes passes 2-4; returns
+    ``-1 - #rows skipped`` (their ``θ`` is left to the caller)."""
     dt = proto.dtype
-    for j in range(rows.shape[0]):
-        n, k = rows[j, 2], rows[j, 3]
+    nrows = rows.shape[0]
+    for j in range(nrows):
+        if rows[j, 5] and not all_finite(carray(_address(rows[j, 2]), rows[j, 3], dt)):
+            return j
+    for j in range(nrows):
+        n = rows[j, 3]
+        m = carray(_address(rows[j, 1]), n, dt)
+        g = carray(_address(rows[j, 2]), n, dt)
+        mm[j] = _momentum_pass(m, g, m.dtype.type(vals[j, 0]), rows[j, 4])
+    skipped = 0
+    for j in range(nrows):
+        if not math.isfinite(mm[j]):
+            skipped += 1
+            continue
+        n, k, code = rows[j, 3], rows[j, 6], rows[j, 7]
         theta = carray(_address(rows[j, 0]), n, dt)
         m = carray(_address(rows[j, 1]), n, dt)
-        t, count = _full_select(m, k, scratch)
-        _ties_apply(
-            theta, m, t, count, k, vals[j, 0], vals[j, 2], rows[j, 4], vals[j, 1], vals[j, 3]
-        )
+        if rows[j, 8]:
+            nf = -(-n // 8) * 8
+            pred = carray(_address(rows[j, 9]), 3, np.float64)
+            counts = carray(_address(rows[j, 10]), 2, np.int64)
+            flags = carray(_address(rows[j, 11]), nf, np.uint8)
+            words = carray(_address(rows[j, 11]), nf // 8, np.uint64)
+            band = carray(_address(rows[j, 11] + nf), n, dt)
+            _band_step(theta, m, k, mm[j], pred, counts, flags, words, band, scratch,
+                       vals[j, 2], code, vals[j, 1], vals[j, 3])  # fmt: skip
+        else:
+            t, count = _full_select(m, k, scratch)
+            _ties_apply(theta, m, t, count, k, vals[j, 2], mm[j], code, vals[j, 1], vals[j, 3])
+    return -1 - skipped
 
 
 class TensorKernel:
-    """One tensor's compiled step: flat NumPy views, the threshold prediction, work arrays."""
+    """One tensor's compiled step: a flat NumPy view, the threshold prediction, work arrays."""
 
     def __init__(self, p: Tensor) -> None:
         n = p.numel()
         self.p, self.ptr, self.n = p, p.data_ptr(), n
         self.theta = p.detach().view(-1).numpy()
-        self.m_view: tuple[int, np.ndarray] = (0, self.theta)  # the momentum's, by address
+        self.band_step = n > SMALL
         self.pred = np.array([0.0, 0.0, 0.01])  # t_prev, ||m_prev||², band half-width δ
         self.counts = np.zeros(2, dtype=np.int64)  # band misses, full partitions (tested)
-        self.flags = np.zeros(-(-n // 8) * 8 if n > SMALL else 0, dtype=np.uint8)
-        self.words = self.flags.view(np.uint64)
-        self.band = np.empty(n if n > SMALL else 0, dtype=self.theta.dtype)
+        nf = -(-n // 8) * 8 if self.band_step else 0
+        # the band's flags (nf bytes), then its values: one address for the compiled step
+        self.work = np.zeros(nf + (n if self.band_step else 0) * self.theta.itemsize, np.uint8)
 
     @property
     def retries(self) -> int:
@@ -356,10 +368,40 @@ class TensorKernel:
     def full(self) -> int:
         return int(self.counts[1])
 
-    def view(self, buf: Tensor) -> np.ndarray:
-        if self.m_view[0] != buf.data_ptr():
-            self.m_view = (buf.data_ptr(), buf.view(-1).numpy())
-        return self.m_view[1]
+
+class StepPlan:
+    """The compiled step's rows for one list of tensors, kept between steps while its
+    ``key`` holds (the tensors, their memory, momentum buffers and sets; see
+    :func:`kernel_step_`). ``lr``, ``ρ``, the gradients' addresses and the modes are
+    written into the rows every step."""
+
+    def __init__(self, key: list, tks: list[TensorKernel], bufs: list[Tensor],
+                 groups: list[dict[str, Any]], held: list[Tensor | None]) -> None:  # fmt: skip
+        self.key, self.tks, self.bufs, self.groups = key, tks, bufs, groups
+        # the state's buffers the key names (held: their ids stay theirs), and the rows whose
+        # buffer is a new one that goes into the state after a step that is not refused
+        self.held = held
+        self.store = [j for j, (b, h) in enumerate(zip(bufs, held)) if b is not h]
+        self.params = [tk.p for tk in tks]
+        self.by_dtype: list[tuple[np.ndarray, list[int], np.ndarray, np.ndarray, np.ndarray]] = []
+        dtypes: dict[np.dtype, list[int]] = {}
+        for j, tk in enumerate(tks):
+            dtypes.setdefault(tk.theta.dtype, []).append(j)
+        for dtype, js in dtypes.items():
+            rows = np.zeros((len(js), 12), dtype=np.int64)
+            vals = np.zeros((len(js), 4))
+            for r, j in enumerate(js):
+                tk, group = tks[j], groups[j]
+                k, radius = int(group["k"]), float(group["radius"])
+                band = tk.band_step and 4 * k <= tk.n
+                rows[r] = (tk.ptr, bufs[j].data_ptr(), 0, tk.n, MODE_LERP,
+                           bool(group.get("check_finite", True)), k,
+                           RESCALE_CODES[group["rescale"]], band, tk.pred.ctypes.data,
+                           tk.counts.ctypes.data, tk.work.ctypes.data)  # fmt: skip
+                vals[r, 2:] = (radius, 2.0 * radius * math.sqrt(k))  # the polytope's diameter
+            proto = np.empty(0, dtype)
+            self.by_dtype.append((proto, js, rows, vals, np.empty(len(js))))
+        self.most = max(tk.n for tk in tks)
 
 
 def _work(scratch: dict[np.dtype, np.ndarray], dtype: np.dtype, n: int) -> np.ndarray:
@@ -373,83 +415,84 @@ def _work(scratch: dict[np.dtype, np.ndarray], dtype: np.dtype, n: int) -> np.nd
 def kernel_step_(
     items: list[tuple[dict[str, Any], Tensor]],
     state: dict[Tensor, dict[str, Any]],
-    cache: dict[int, TensorKernel],
+    cache: dict[Any, Any],
     scratch: dict[np.dtype, np.ndarray],
 ) -> dict[str, Any] | None:
     """One SFW step of each ``(group, p)``: ``p`` a contiguous float32/float64 CPU tensor of a
-    K-sparse group. ``cache`` keeps each tensor's :class:`TensorKernel`, ``scratch`` one work
-    array per dtype; neither changes results.
+    K-sparse group. ``cache`` keeps each tensor's :class:`TensorKernel` (by ``id(p)``) and the
+    last :class:`StepPlan` (under ``"plan"``), ``scratch`` one work array per dtype; none of
+    them changes results.
 
-    Pass 1 is one compiled call per dtype (:func:`_momentum_rows`): it reads every gradient
-    of a ``check_finite`` group for NaN/inf first, and if one holds any, returns with nothing
-    changed; ``kernel_step_`` then returns that tensor's group (the caller refuses the step).
-    Else the momenta are updated in place and ``None`` is returned at the end. Tensors that
-    partition all of ``|m|`` (at most :data:`SMALL` entries, or ``4K > n``) then take one
-    compiled call per dtype (:func:`_small_rows`); the others take the band
-    (:func:`_band_step`), one call each.
+    The plan is rebuilt unless every tensor is the same object with the same memory
+    (``data_ptr``, ``numel``, dtype), the same momentum buffer, and its group the same object
+    with the same ``k``, ``radius``, ``rescale`` and ``check_finite``; ``lr`` and ``momentum``
+    are read every step. The step is one compiled call per dtype (:func:`_step_rows`): it reads
+    every gradient of a ``check_finite`` group for NaN/inf first, and if one holds any, returns
+    with nothing changed; ``kernel_step_`` then returns that tensor's group (the caller refuses
+    the step). Else ``None`` is returned at the end. With several dtypes every gradient is
+    checked before the first call.
     """
-    plans: list[tuple] = []
-    by_dtype: dict[np.dtype, list[int]] = {}
-    for j, (group, p) in enumerate(items):
-        tk = cache.get(id(p))
-        if tk is None or tk.p is not p or tk.ptr != p.data_ptr():
-            tk = cache[id(p)] = TensorKernel(p)
-        st = state[p]
-        buf = st.get("momentum_buffer")
-        mode = MODE_LERP
-        if buf is None:  # into the state once every gradient has passed the check
-            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-            mode = MODE_FIRST
-        elif not buf.is_contiguous() or buf.dtype != p.dtype:
-            buf = buf.to(p.dtype).contiguous()
+    key: list = []
+    grads: list[Tensor] = []
+    hyper: list[tuple[float, float]] = []
+    first: list[int] = []
+    for group, p in items:
         g = p.grad
-        if not g.is_contiguous() or g.dtype != p.dtype:  # unusual layout: a contiguous copy
+        if g.dtype is not p.dtype or not g.is_contiguous():  # unusual layout: a contiguous copy
             g = g.detach().to(p.dtype).contiguous()
-        check = bool(group.get("check_finite", True))
-        plans.append((group, st, tk, buf, g, (buf.data_ptr(), g.data_ptr(), tk.n, mode, check)))
-        by_dtype.setdefault(tk.theta.dtype, []).append(j)
-    mms = [0.0] * len(plans)
-    if len(by_dtype) > 1:  # all gradients checked before any momentum changes
-        for group, _st, _tk, _buf, g, row in plans:
-            if row[4] and not all_finite(g.view(-1).numpy()):
+        grads.append(g)
+        buf = state[p].get("momentum_buffer")
+        if buf is None:
+            first.append(len(key))
+        key.append((id(group), id(p), p.data_ptr(), p.numel(), p.dtype, id(buf), group["k"],
+                    group["radius"], group["rescale"], group.get("check_finite", True)))  # fmt: skip
+        hyper.append((1.0 - float(group["momentum"]), float(group["lr"])))
+    plan = cache.get("plan")
+    if plan is None or plan.key != key:
+        plan = cache["plan"] = _plan(items, state, cache, key)
+    if len(plan.by_dtype) > 1:  # all gradients checked before any momentum changes
+        for (group, _p), g in zip(items, grads):
+            if group.get("check_finite", True) and not all_finite(g.view(-1).numpy()):
                 return group
-    for dtype, js in by_dtype.items():
-        rows = np.array([plans[j][5] for j in js], dtype=np.int64)
-        w = np.array([1.0 - float(plans[j][0]["momentum"]) for j in js])
-        mm = np.empty(len(js))
-        bad = int(_momentum_rows(np.empty(0, dtype), rows, w, mm))
-        if bad >= 0:
-            return plans[js[bad]][0]
-        for j, v in zip(js, mm.tolist()):
-            mms[j] = v
-    small: dict[np.dtype, tuple[list, list, int]] = {}
-    for (group, st, tk, dst, _g, _row), mm in zip(plans, mms):
-        st["momentum_buffer"] = dst
-        p = tk.p
-        if not math.isfinite(mm):  # NaN/inf in m: the reference orders NaN as torch does
-            tk.pred[0] = 0.0
-            reference_update_(p, dst, group)
-            continue
-        n, k, radius = tk.n, int(group["k"]), float(group["radius"])
-        code = RESCALE_CODES[group["rescale"]]
-        l2_diameter = 2.0 * radius * math.sqrt(k)  # the K-sparse polytope's
-        if n <= SMALL or 4 * k > n:
-            rows_i, rows_f, most = small.get(tk.theta.dtype, ([], [], 0))
-            rows_i.append((tk.ptr, dst.data_ptr(), n, k, code))
-            rows_f.append((radius, float(group["lr"]), mm, l2_diameter))
-            small[tk.theta.dtype] = (rows_i, rows_f, max(most, n))
-            continue
-        m = tk.view(dst)
-        _band_step(tk.theta, m, k, mm, tk.pred, tk.counts, tk.flags, tk.words, tk.band,
-                   _work(scratch, m.dtype, n), radius, code, float(group["lr"]), l2_diameter)  # fmt: skip
-    for dtype, (rows_i, rows_f, most) in small.items():
-        _small_rows(np.empty(0, dtype), np.array(rows_i, dtype=np.int64),
-                    np.array(rows_f), _work(scratch, dtype, most))  # fmt: skip
+    for proto, js, rows, vals, mm in plan.by_dtype:
+        for r, j in enumerate(js):
+            rows[r, 2] = grads[j].data_ptr()
+            rows[r, 4] = MODE_FIRST if j in first else MODE_LERP
+            vals[r, :2] = hyper[j]
+        status = int(_step_rows(proto, rows, vals, mm, _work(scratch, proto.dtype, plan.most)))
+        if status >= 0:
+            return plan.groups[js[status]]
+        if status < -1:  # NaN/inf in m: the reference orders NaN as torch does
+            for r, j in enumerate(js):
+                if not math.isfinite(mm[r]):
+                    plan.tks[j].pred[0] = 0.0
+                    reference_update_(plan.params[j], plan.bufs[j], plan.groups[j])
+    for j in plan.store:  # into the state once every gradient has passed the check
+        state[plan.params[j]]["momentum_buffer"] = plan.bufs[j]
     if _increment_version is not None:  # NumPy wrote p's memory: tell autograd
-        params = [p for _group, p in items]
         try:  # one call for all (torch >= 2.5: 1.0 µs for six tensors, 0.66 µs for one)
-            _increment_version(params)
+            _increment_version(plan.params)
         except (TypeError, RuntimeError):  # torch < 2.5 takes one tensor
-            for p in params:
+            for p in plan.params:
                 _increment_version(p)
     return None
+
+
+def _plan(items: list, state: dict, cache: dict, key: list) -> StepPlan:
+    """A new :class:`StepPlan`: each tensor's :class:`TensorKernel` (kept while the tensor's
+    memory is), and a contiguous momentum buffer of its dtype (a new one, not yet in the
+    state, for a tensor without one)."""
+    tks, bufs, held = [], [], []
+    for _group, p in items:
+        tk = cache.get(id(p))
+        if tk is None or tk.p is not p or tk.ptr != p.data_ptr() or tk.n != p.numel():
+            tk = cache[id(p)] = TensorKernel(p)
+        tks.append(tk)
+        buf = state[p].get("momentum_buffer")
+        held.append(buf)
+        if buf is None:
+            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
+        elif not buf.is_contiguous() or buf.dtype != p.dtype:
+            buf = buf.to(p.dtype).contiguous()
+        bufs.append(buf)
+    return StepPlan(key, tks, bufs, [group for group, _p in items], held)
