@@ -48,7 +48,7 @@ def _lockstep(steps: int, between: Callable[[int, SFW, list], None], **kwargs) -
         for opt, params in runs:
             between(step, opt, params)
             for p, g in zip(params, grads):  # between() may mark a tensor to get no grad
-                p.grad = None if getattr(p, "_skip", False) else g.clone()
+                p.grad = None if getattr(p, "_skip", False) else g.clone().reshape(p.shape)
             opt.step()
         (fast, fast_params), (ref, ref_params) = runs
         for pf, pr in zip(fast_params, ref_params):
@@ -258,3 +258,91 @@ def test_first_step_refused_then_taken() -> None:
     ref.step()
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+# SFW.step keeps the last step's routing (caches["route"]) while every tensor went to the
+# kernel: each change below must still reach dispatch() or a rebuilt plan.
+
+
+def test_route_is_kept_in_steady_state_and_dropped_on_a_switch() -> None:
+    groups = _params()
+    params = [g["params"][0] for g in groups]
+    opt = SFW(groups)
+    for step in range(3):
+        for p, g in zip(params, _grads(step, params)):
+            p.grad = g
+        opt.step()
+    route, plan = opt._caches()["route"], opt._caches()["kernel"]["plan"]
+    for p, g in zip(params, _grads(3, params)):
+        p.grad = g
+    opt.step()
+    assert opt._caches()["route"] is route and opt._caches()["kernel"]["plan"] is plan
+    opt.param_groups[1]["diagnostics"] = True
+    for p, g in zip(params, _grads(4, params)):
+        p.grad = g
+    opt.step()
+    assert [row["name"] for row in opt.diagnostics] == ["t1"]  # the reference loop ran
+    assert "route" not in opt._caches()
+    opt.param_groups[1]["diagnostics"] = False
+    for step in (5, 6):
+        for p, g in zip(params, _grads(step, params)):
+            p.grad = g
+        opt.step()
+    assert opt.diagnostics == [] and "route" in opt._caches()
+
+
+def test_switches_changed_after_steps() -> None:
+    def between(step: int, opt: SFW, params: list) -> None:
+        groups = opt.param_groups
+        if step == 3:
+            groups[1]["foreach"] = False
+        if step == 4:
+            groups[1]["foreach"] = None
+            groups[2]["diagnostics"] = True
+        if step == 5:
+            groups[2]["diagnostics"] = False
+            groups[0]["fused"] = False  # the batched torch step
+        if step == 6:
+            groups[0]["fused"] = None
+            groups[3]["constraint"] = "unconstrained"
+
+    _lockstep(9, between)
+
+
+def test_param_replaced_in_its_group_list() -> None:
+    def between(step: int, opt: SFW, params: list) -> None:
+        if step == 3:
+            q = torch.nn.Parameter(params[2].detach().clone())
+            opt.param_groups[2]["params"][0] = q
+            params[2] = q
+
+    _lockstep(7, between)
+
+
+def test_weights_become_a_non_contiguous_view_of_the_same_memory() -> None:
+    def between(step: int, opt: SFW, params: list) -> None:
+        if step == 3:  # same data_ptr and numel, transposed: the batched step takes it
+            params[2].data = params[2].data.view(20, 30).t()
+            buf = opt.state[params[2]]["momentum_buffer"]  # the same object, viewed alike
+            buf.set_(buf.untyped_storage(), 0, (30, 20), (1, 30))
+
+    _lockstep(7, between)
+
+
+def test_strict_kernel_step_reports_stale_and_changes_nothing() -> None:
+    groups = SFW(_params()).param_groups  # with the defaults filled in
+    params = [g["params"][0] for g in groups]
+    items = [(g, g["params"][0]) for g in groups]
+    state: dict = {p: {} for p in params}
+    cache: dict = {}
+    for p, g in zip(params, _grads(0, params)):
+        p.grad = g
+    assert _cpu_kernel.kernel_step_(items, state, cache, {}, strict=True) is _cpu_kernel.STALE
+    assert "plan" not in cache and all(not s for s in state.values())  # nothing built or set
+    assert _cpu_kernel.kernel_step_(items, state, cache, {}) is None
+    before = [p.detach().clone() for p in params]
+    params[1].grad = None
+    assert _cpu_kernel.kernel_step_(items, state, cache, {}, strict=True) is _cpu_kernel.STALE
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with pytest.raises(ValueError, match="Invalid items"):
+        _cpu_kernel.kernel_step_(items, state, cache, {})

@@ -384,6 +384,7 @@ class StepPlan:
         self.store = [j for j, (b, h) in enumerate(zip(bufs, held)) if b is not h]
         self.params = [tk.p for tk in tks]
         self.by_dtype: list[tuple[np.ndarray, list[int], np.ndarray, np.ndarray, np.ndarray]] = []
+        self.writes: list[tuple[memoryview, memoryview, list[tuple[int, int, int]]]] = []
         dtypes: dict[np.dtype, list[int]] = {}
         for j, tk in enumerate(tks):
             dtypes.setdefault(tk.theta.dtype, []).append(j)
@@ -394,13 +395,21 @@ class StepPlan:
                 tk, group = tks[j], groups[j]
                 k, radius = int(group["k"]), float(group["radius"])
                 band = tk.band_step and 4 * k <= tk.n
-                rows[r] = (tk.ptr, bufs[j].data_ptr(), 0, tk.n, MODE_LERP,
+                mode = MODE_FIRST if held[j] is None else MODE_LERP  # the key holds id(None)
+                rows[r] = (tk.ptr, bufs[j].data_ptr(), 0, tk.n, mode,
                            bool(group.get("check_finite", True)), k,
                            RESCALE_CODES[group["rescale"]], band, tk.pred.ctypes.data,
                            tk.counts.ctypes.data, tk.work.ctypes.data)  # fmt: skip
                 vals[r, 2:] = (radius, 2.0 * radius * math.sqrt(k))  # the polytope's diameter
             proto = np.empty(0, dtype)
             self.by_dtype.append((proto, js, rows, vals, np.empty(len(js))))
+            # flat views of rows and vals: one element written per item, no NumPy indexing
+            slots = [(j, 12 * r + 2, 4 * r) for r, j in enumerate(js)]
+            rflat, vflat = (
+                memoryview(rows).cast("B").cast("q"),
+                memoryview(vals).cast("B").cast("d"),
+            )
+            self.writes.append((rflat, vflat, slots))
         self.most = max(tk.n for tk in tks)
 
 
@@ -411,62 +420,76 @@ def _work(scratch: dict[np.dtype, np.ndarray], dtype: np.dtype, n: int) -> np.nd
     return work
 
 
-@torch.no_grad()
+# kernel_step_(..., strict=True) found the tensors or their layout changed: nothing was done
+STALE = object()
+
+
 def kernel_step_(
     items: list[tuple[dict[str, Any], Tensor]],
     state: dict[Tensor, dict[str, Any]],
     cache: dict[Any, Any],
     scratch: dict[np.dtype, np.ndarray],
-) -> dict[str, Any] | None:
+    strict: bool = False,
+) -> Any:
     """One SFW step of each ``(group, p)``: ``p`` a contiguous float32/float64 CPU tensor of a
     K-sparse group. ``cache`` keeps each tensor's :class:`TensorKernel` (by ``id(p)``) and the
     last :class:`StepPlan` (under ``"plan"``), ``scratch`` one work array per dtype; none of
     them changes results.
 
     The plan is rebuilt unless every tensor is the same object with the same memory
-    (``data_ptr``, ``numel``, dtype), the same momentum buffer, and its group the same object
-    with the same ``k``, ``radius``, ``rescale`` and ``check_finite``; ``lr`` and ``momentum``
-    are read every step. The step is one compiled call per dtype (:func:`_step_rows`): it reads
-    every gradient of a ``check_finite`` group for NaN/inf first, and if one holds any, returns
-    with nothing changed; ``kernel_step_`` then returns that tensor's group (the caller refuses
-    the step). Else ``None`` is returned at the end. With several dtypes every gradient is
-    checked before the first call.
+    (``data_ptr``, ``numel``, dtype, contiguity), the same momentum buffer, and its group the
+    same object with the same ``k``, ``radius``, ``rescale`` and ``check_finite``; ``lr`` and
+    ``momentum`` are read every step. The step is one compiled call per dtype
+    (:func:`_step_rows`): it reads every gradient of a ``check_finite`` group for NaN/inf
+    first, and if one holds any, returns with nothing changed; ``kernel_step_`` then returns
+    that tensor's group (the caller refuses the step). Else ``None`` is returned at the end.
+    With several dtypes every gradient is checked before the first call.
+
+    ``strict=True`` (the caller did not check the items: :meth:`SFW.step`'s cached routing)
+    returns :data:`STALE`, with nothing changed, where a gradient is None or the plan would be
+    rebuilt. Works with or without autograd enabled (NumPy writes the memory).
     """
     key: list = []
     grads: list[Tensor] = []
-    hyper: list[tuple[float, float]] = []
-    first: list[int] = []
     for group, p in items:
         g = p.grad
+        if g is None:
+            if strict:
+                return STALE
+            raise ValueError(
+                f"Invalid items: a tensor of group {group.get('name')!r} has no gradient"
+            )
         if g.dtype is not p.dtype or not g.is_contiguous():  # unusual layout: a contiguous copy
             g = g.detach().to(p.dtype).contiguous()
         grads.append(g)
-        buf = state[p].get("momentum_buffer")
-        if buf is None:
-            first.append(len(key))
-        key.append((id(group), id(p), p.data_ptr(), p.numel(), p.dtype, id(buf), group["k"],
-                    group["radius"], group["rescale"], group.get("check_finite", True)))  # fmt: skip
-        hyper.append((1.0 - float(group["momentum"]), float(group["lr"])))
+        key.append((id(group), id(p), p.data_ptr(), p.numel(), p.dtype, p.is_contiguous(),
+                    id(state[p].get("momentum_buffer")), group["k"], group["radius"],
+                    group["rescale"], group.get("check_finite", True)))  # fmt: skip
     plan = cache.get("plan")
     if plan is None or plan.key != key:
+        if strict:
+            return STALE
         plan = cache["plan"] = _plan(items, state, cache, key)
     if len(plan.by_dtype) > 1:  # all gradients checked before any momentum changes
         for (group, _p), g in zip(items, grads):
             if group.get("check_finite", True) and not all_finite(g.view(-1).numpy()):
                 return group
-    for proto, js, rows, vals, mm in plan.by_dtype:
-        for r, j in enumerate(js):
-            rows[r, 2] = grads[j].data_ptr()
-            rows[r, 4] = MODE_FIRST if j in first else MODE_LERP
-            vals[r, :2] = hyper[j]
+    groups = plan.groups
+    for (proto, js, rows, vals, mm), (rflat, vflat, slots) in zip(plan.by_dtype, plan.writes):
+        for j, ri, vi in slots:
+            group = groups[j]
+            rflat[ri] = grads[j].data_ptr()
+            vflat[vi] = 1.0 - float(group["momentum"])
+            vflat[vi + 1] = float(group["lr"])
         status = int(_step_rows(proto, rows, vals, mm, _work(scratch, proto.dtype, plan.most)))
         if status >= 0:
-            return plan.groups[js[status]]
+            return groups[js[status]]
         if status < -1:  # NaN/inf in m: the reference orders NaN as torch does
-            for r, j in enumerate(js):
-                if not math.isfinite(mm[r]):
-                    plan.tks[j].pred[0] = 0.0
-                    reference_update_(plan.params[j], plan.bufs[j], plan.groups[j])
+            with torch.no_grad():
+                for r, j in enumerate(js):
+                    if not math.isfinite(mm[r]):
+                        plan.tks[j].pred[0] = 0.0
+                        reference_update_(plan.params[j], plan.bufs[j], groups[j])
     for j in plan.store:  # into the state once every gradient has passed the check
         state[plan.params[j]]["momentum_buffer"] = plan.bufs[j]
     if _increment_version is not None:  # NumPy wrote p's memory: tell autograd

@@ -94,6 +94,12 @@ def dispatch(
     return reference, kernel, batched
 
 
+def _route(group: dict[str, Any]) -> tuple:
+    """What :func:`dispatch` reads of a group (its tensors' part is checked by the kernel)."""
+    return (id(group), group.get("foreach"), group.get("diagnostics", False),
+            group.get("constraint"), group.get("fused"))  # fmt: skip
+
+
 class SFW(torch.optim.Optimizer):
     """Stochastic Frank-Wolfe with momentum (Lu et al. 2022, Algorithm 1; docs/algorithm.md).
 
@@ -211,16 +217,37 @@ class SFW(torch.optim.Optimizer):
             if not bool(finite.all()):
                 raise NonFiniteGradientError(self._name(rest[int(torch.nonzero(~finite)[0])][0]))
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One SFW step for every parameter that has a gradient; returns the closure's loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with torch.set_grad_enabled(False):  # one context (no_grad's decorator costs more)
+            caches = self._caches()
+            groups = self.param_groups
+            # the routing of the last step, kept while every tensor went to the compiled
+            # kernel and no group's switches changed; the kernel checks the tensors (STALE)
+            route = caches.get("route")
+            if route is not None and route == [_route(group) for group in groups]:
+                items = [(group, p) for group in groups for p in group["params"]]
+                refused = _cpu_kernel.kernel_step_(items, self.state, caches["kernel"],
+                                                   caches["scratch"], strict=True)  # fmt: skip
+                if refused is not _cpu_kernel.STALE:
+                    if refused is not None:
+                        raise NonFiniteGradientError(self._name(refused))
+                    if self.diagnostics:
+                        self.diagnostics = []
+                    return loss
+            self._step_dispatched(caches)
+        return loss
+
+    def _step_dispatched(self, caches: dict[str, dict]) -> None:
+        """The step with :func:`dispatch` run first; keeps the routing for the next step when
+        every parameter of every group went to the compiled kernel."""
+        caches.pop("route", None)
         reference, kernel, batched = dispatch(self.param_groups)
         self._refuse_non_finite(reference, batched)
-        caches = self._caches()
         if kernel:
             refused = _cpu_kernel.kernel_step_(kernel, self.state, caches["kernel"],
                                                caches["scratch"])  # fmt: skip
@@ -235,4 +262,6 @@ class SFW(torch.optim.Optimizer):
                 if group.get("diagnostics", False):
                     rows.append({"name": group.get("name", str(index)), **row})
         self.diagnostics = rows
-        return loss
+        if kernel and not reference and not batched:
+            if len(kernel) == sum(len(group["params"]) for group in self.param_groups):
+                caches["route"] = [_route(group) for group in self.param_groups]
