@@ -128,14 +128,20 @@ def test_a_gradient_that_becomes_none_is_skipped_then_resumes() -> None:
     _lockstep(7, between)
 
 
-def test_skipped_tensor_keeps_weights_and_momentum() -> None:
+def _stepped(steps: int) -> tuple[SFW, list[torch.Tensor]]:
+    """A default SFW on the test tensors after ``steps`` steps (the kernel path)."""
     groups = _params()
     params = [g["params"][0] for g in groups]
     opt = SFW(groups)
-    for step in range(3):
+    for step in range(steps):
         for p, g in zip(params, _grads(step, params)):
             p.grad = g
         opt.step()
+    return opt, params
+
+
+def test_skipped_tensor_keeps_weights_and_momentum() -> None:
+    opt, params = _stepped(3)
     before = params[0].detach().clone(), opt.state[params[0]]["momentum_buffer"].clone()
     params[0].grad = None
     for p, g in zip(params[1:], _grads(3, params[1:])):
@@ -265,13 +271,7 @@ def test_first_step_refused_then_taken() -> None:
 
 
 def test_route_is_kept_in_steady_state_and_dropped_on_a_switch() -> None:
-    groups = _params()
-    params = [g["params"][0] for g in groups]
-    opt = SFW(groups)
-    for step in range(3):
-        for p, g in zip(params, _grads(step, params)):
-            p.grad = g
-        opt.step()
+    opt, params = _stepped(3)
     route, plan = opt._caches()["route"], opt._caches()["kernel"]["plan"]
     for p, g in zip(params, _grads(3, params)):
         p.grad = g
