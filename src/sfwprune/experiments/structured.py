@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import _io
+from .._checks import check_choice
 from .config import SFW_WARMUP, TrainConfig
 
 CHANNEL_SPARSITIES = (0.0, 0.25, 0.5, 0.75)
@@ -135,8 +136,7 @@ def deploy(model: nn.Module, example: torch.Tensor, runtime: str = "eager") -> n
     and freeze it; the original model is not modified. Outputs equal the eager model's up to
     float rounding (``jit-optimized`` reorders the convolution sums: differences of ~1e-7).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"Invalid runtime: {runtime!r} (expected one of {', '.join(RUNTIMES)})")
+    check_choice("runtime", runtime, RUNTIMES)
     model.eval()
     if runtime == "eager":
         return model
@@ -179,8 +179,7 @@ def measure_latency(
         raise ValueError(f"Invalid batch: {batch!r} (expected a positive integer)")
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise ValueError(f"Invalid rounds: {rounds!r} (expected a positive integer)")
-    if runtime not in RUNTIMES:
-        raise ValueError(f"Invalid runtime: {runtime!r} (expected one of {', '.join(RUNTIMES)})")
+    check_choice("runtime", runtime, RUNTIMES)
     if not models:
         raise ValueError("Invalid models: {} (expected at least one model)")
     x = torch.randn(batch, *input_shape)
@@ -220,8 +219,7 @@ def latency_levels(run_dir: str | Path, out_file: str | Path, runtime: str = "ea
     from .provenance import provenance
     from .runner import load_run
 
-    if runtime not in RUNTIMES:
-        raise ValueError(f"Invalid runtime: {runtime!r} (expected one of {', '.join(RUNTIMES)})")
+    check_choice("runtime", runtime, RUNTIMES)
     if Path(out_file).is_file():
         return str(out_file)
     before = torch.get_num_threads()
