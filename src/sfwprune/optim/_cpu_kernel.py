@@ -58,7 +58,7 @@ _FM = {"reassoc", "contract"}
 SMALL = 16384
 # Reductions sum BLOCK entries in the arrays' dtype (vectorized), then add blocks in float64.
 BLOCK = 512
-MODE_LERP, MODE_FIRST, MODE_READY = 0, 1, 2
+MODE_LERP, MODE_FIRST = 0, 1  # _momentum_pass: m ← m + w(g - m), or m ← g (first step)
 RESCALE_CODES = {"gradient": 0, "diameter": 1, None: 2}
 _increment_version = getattr(torch.autograd.graph, "increment_version", None)
 
