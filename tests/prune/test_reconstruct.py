@@ -461,3 +461,104 @@ def test_layer_inputs_resume_inside_blocks_and_match_full_forwards():
     assert not inputs.cache
     none = LayerInputs(net, order, chunks, budget=0)
     assert none.anchor == [None] * len(order)
+
+
+def test_cache_keeps_the_statistics_of_layers_fed_the_calibration_inputs(monkeypatch):
+    # LeNet-300-100's first Linear sees Flatten(x): its H, B (and OBS factors) are the same at
+    # every level of a sweep, so a second call with the cache computes only the later layers
+    import sfwprune.prune.reconstruct as rec
+
+    net, x = trained_lenet300()
+    seen = []
+    real = rec._statistics
+    monkeypatch.setattr(rec, "_statistics", lambda *a: seen.append(a[3]) or real(*a))
+    cache: dict = {}
+    runs = []
+    for level in (0.5, 0.9):
+        masks = prune_(copy.deepcopy(net), level)
+        a, b = copy.deepcopy(net), copy.deepcopy(net)
+        reconstruct_(a, masks, [x], dense=net, cache=cache, solver="obs")
+        reconstruct_(b, masks, [x], dense=net, solver="obs")  # no cache: the reference
+        assert same(a, snapshot(b))
+        runs.append(list(seen))
+        seen.clear()
+    first = "classifier.0"
+    assert runs[0].count(first) == 2 and runs[1].count(first) == 1  # cached the second time
+    assert len(cache["stats"][first][1][0]) == 1  # the OBS factors of its one λ
+
+
+def test_a_layer_after_a_module_with_buffers_is_not_fixed():
+    net = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    free = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 6)
+    for model, want in ((net, [False, False]), (free, [True, False])):
+        inputs = LayerInputs(model, ["1", "3"], [x], budget=2**30)
+        assert [inputs.fixed(0), inputs.fixed(1)] == want
+
+
+def test_errors_false_gives_the_same_weights_without_the_error_measurements():
+    net, x = trained_lenet300()
+    masks = prune_(copy.deepcopy(net), 0.8)
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    info_a = reconstruct_(a, masks, [x], dense=net)
+    info_b = reconstruct_(b, masks, [x], dense=net, errors=False)
+    assert same(a, snapshot(b))
+    assert {k: {"solver": v["solver"]} for k, v in info_a.items()} == info_b
+    with pytest.raises(ValueError, match="Invalid errors"):
+        reconstruct_(b, masks, [x], errors=1)
+
+
+def test_solve_keeps_obs_factors_in_its_memo():
+    from sfwprune.prune.solvers import solve
+
+    X, Y, keep = stats(4, rows=80, d=12, out=5)
+    H, B = X.T @ X, X.T @ Y
+    memo: dict = {}
+    want, how = solve(H, B, keep, 1e-3, "obs")
+    for _ in range(2):
+        got, how_memo = solve(H, B, keep, 1e-3, "obs", memo)
+        assert how == how_memo == "obs" and torch.equal(got, want) and len(memo) == 1
+
+
+class _TailNet(nn.Module):
+    """LeNet-5's shape: a block returning its last child's output, then a head fed that output
+    (optionally changed in place in between)."""
+
+    def __init__(self, inplace_after: bool) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(2, 3, 3, padding=1), nn.Flatten())  # fmt: skip
+        self.head = nn.Sequential(nn.Linear(3 * 5 * 5, 7), nn.ReLU(), nn.Linear(7, 4))
+        self.inplace_after = inplace_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return self.head(y.mul_(2.0) if self.inplace_after else y)
+
+
+@pytest.mark.parametrize("inplace_after", [False, True])
+def test_layer_inputs_build_a_block_output_from_its_tail_only_when_it_is_that_output(
+    inplace_after,
+):
+    from sfwprune.prune.calibration import capture, forward_order
+
+    torch.manual_seed(0)
+    net = _TailNet(inplace_after).eval()
+    x = torch.randn(6, 1, 5, 5)
+    chunks = [x[:4], x[4:]]
+    order = [n for n, _ in forward_order(net, x[:1])]
+    want = [[capture(net, net.get_submodule(n), ch, output=False)[0].clone() for ch in chunks]
+            for n in order]  # fmt: skip
+    inputs = LayerInputs(net, order, chunks, budget=2**30)
+    assert inputs.tail[net.block] is net.block[3]
+    # y.mul_ after the block returned: the head's input has the block output's id, not its value
+    assert (net.head in inputs.source) is not inplace_after
+    first_conv = []
+    net.block[0].register_forward_hook(lambda *a: first_conv.append(1))
+    for i, _name in enumerate(order):
+        for c in range(2):
+            assert torch.equal(inputs.get(i, c), want[i][c])
+        inputs.done(i)
+    # the second conv's input once per chunk; the head's inputs from the second conv's cached
+    # input (tail), else each of its two layers' from a forward of the whole model
+    assert len(first_conv) == (6 if inplace_after else 2)

@@ -300,6 +300,8 @@ class LayerInputs:
         self.model, self.chunks = model, chunks
         self.layers = [model.get_submodule(n) for n in order]
         self.source: dict[nn.Module, tuple[str, nn.Module]] = {}
+        # a resume point -> its child whose output it returns (see _probe)
+        self.tail: dict[nn.Module, nn.Module] = {}
         self.anchor: list[nn.Module | None] = [None] * len(order)
         self.cache: dict[nn.Module, list[Tensor | None]] = {}
         self.last_use: dict[nn.Module, int] = {}
@@ -314,16 +316,24 @@ class LayerInputs:
         outs: dict[nn.Module, int] = {}
         alive: list[Any] = []  # every probed tensor stays alive, so ids are never reused
 
+        # values as they were at the call (a tensor changed in place later keeps its id)
+        in_val: dict[nn.Module, Tensor] = {}
+        out_val: dict[nn.Module, Tensor] = {}
+
         def pre(m: nn.Module, args: tuple, kwargs: dict) -> None:
             alive.append((args, kwargs))
             calls[m] = calls.get(m, 0) + 1
             seq.append(m)
             simple = len(args) == 1 and not kwargs and isinstance(args[0], Tensor)
             ins[m] = (id(args[0]) if simple else -1, simple, args[0].numel() if simple else 0)
+            if simple:
+                in_val[m] = args[0].detach().clone()
 
         def post(m: nn.Module, args: tuple, out: Any) -> None:
             alive.append(out)
             outs[m] = id(out) if isinstance(out, Tensor) else -2
+            if isinstance(out, Tensor):
+                out_val[m] = out.detach().clone()
 
         x1 = self.chunks[0][:1]
         mods = [m for m in model.modules() if m is not model]
@@ -336,6 +346,11 @@ class LayerInputs:
             for h in handles:
                 h.remove()
         root_in = id(x1)
+        in_val[model] = x1
+
+        def same(a: Tensor | None, b: Tensor | None) -> bool:
+            return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+
         resume: dict[nn.Module, tuple[str, nn.Module]] = {}
         first_call = {m: i for i, m in reversed(list(enumerate(seq)))}
         for m in sorted(ins, key=first_call.__getitem__):
@@ -345,14 +360,22 @@ class LayerInputs:
             if p is not model and p not in resume:
                 continue
             p_in = root_in if p is model else ins[p][0]
-            if ins[m][0] == p_in:
+            if ins[m][0] == p_in and same(in_val[m], in_val.get(p)):
                 resume[m] = ("parent", p)
                 continue
             earlier = [s for s in p.children() if s in resume and first_call[s] < first_call[m]]
-            same = [s for s in earlier if outs.get(s) == ins[m][0]]
-            if same:
-                resume[m] = ("sibling", same[-1])
+            hits = [s for s in earlier
+                    if outs.get(s) == ins[m][0] and same(in_val[m], out_val.get(s))]  # fmt: skip
+            if hits:
+                resume[m] = ("sibling", hits[-1])
         self.source = resume
+        # a resume point whose output is the very output of one of its resume-point children
+        # (a Sequential's last module): that child, run from its own input, makes it
+        for m in resume:
+            kids = [k for k in m.children() if k in resume and outs.get(k) == outs[m]
+                    and same(out_val.get(k), out_val.get(m))]  # fmt: skip
+            if kids:
+                self.tail[m] = kids[-1]
         index = {layer: i for i, layer in enumerate(self.layers)}
         span: dict[nn.Module, tuple[int, int]] = {}
         for m in resume:
@@ -376,6 +399,8 @@ class LayerInputs:
                 kind, src = resume[s]
                 if src is model:
                     break
+                if kind == "sibling":
+                    src = self._producer(src)
                 self.last_use[src] = max(self.last_use.get(src, -1), first)
                 if kind == "parent" or src in span:
                     break
@@ -388,12 +413,20 @@ class LayerInputs:
         if peak * n * x1.element_size() > budget:
             self.anchor = [None] * len(self.layers)
 
+    def _producer(self, m: nn.Module) -> nn.Module:
+        """The module whose call makes ``m``'s output: ``m``, or its innermost tail child."""
+        while m in self.tail:
+            m = self.tail[m]
+        return m
+
     def _input_of(self, m: nn.Module, c: int) -> Tensor:
         if m is self.model:
             return self.chunks[c]
         cached = self.cache.setdefault(m, [None] * len(self.chunks))
         if cached[c] is None:
             kind, src = self.source[m]
+            if kind == "sibling":
+                src = self._producer(src)
             x = self._input_of(src, c)
             if kind == "sibling":
                 with torch.no_grad():
@@ -402,6 +435,18 @@ class LayerInputs:
         x = cached[c]
         assert x is not None
         return x
+
+    def fixed(self, i: int) -> bool:
+        """Layer ``i``'s input depends on the calibration chunk alone: it is the chunk, or the
+        output of a chain of modules without parameters or buffers (e.g. a ``Flatten``)."""
+        m = self.anchor[i]
+        if m is not self.layers[i]:
+            return False
+        while m is not self.model:
+            kind, m = self.source[m]
+            if kind == "sibling" and any(True for _ in (*m.parameters(), *m.buffers())):
+                return False
+        return True
 
     def get(self, i: int, c: int) -> Tensor:
         """Input of layer ``i`` (forward order) on chunk ``c``, with earlier layers as they are."""

@@ -298,6 +298,8 @@ def _reconstruct_layer(
     stats: tuple[Tensor, Tensor, Tensor],
     ridge: float,
     solver: str,
+    memos: list[dict] | None,
+    errors: bool,
 ) -> dict[str, Any]:
     module = model.get_submodule(name)
     H, B, yy = stats
@@ -306,24 +308,25 @@ def _reconstruct_layer(
     before = after = 0.0
     used = set()
     for g in range(groups_of(module)):
-        current = w[g].to(torch.float64)
-        if module.bias is not None:
-            bg = module.bias.view(w.shape[0], -1)[g].to(torch.float64)
-            current = torch.cat([current, bg.unsqueeze(1)], dim=1)
-        before += quadratic_error(H[g], B[g], yy[g], current * keep[g])
-        W, how = solve(H[g], B[g], keep[g], ridge, solver)
-        after += quadratic_error(H[g], B[g], yy[g], W)
+        if errors:
+            current = w[g].to(torch.float64)
+            if module.bias is not None:
+                bg = module.bias.view(w.shape[0], -1)[g].to(torch.float64)
+                current = torch.cat([current, bg.unsqueeze(1)], dim=1)
+            before += quadratic_error(H[g], B[g], yy[g], current * keep[g])
+        W, how = solve(H[g], B[g], keep[g], ridge, solver, None if memos is None else memos[g])
+        if errors:
+            after += quadratic_error(H[g], B[g], yy[g], W)
         used.add(how)
         w[g].copy_(W[:, : w.shape[2]])
         if module.bias is not None:
             module.bias.view(w.shape[0], -1)[g].copy_(W[:, -1])
-    total = float(yy.sum())
-    scale = 1 / total if total > 0 else 1.0
-    return {
-        "solver": "+".join(sorted(used)),
-        "error_before": before * scale,
-        "error_after": after * scale,
-    }
+    row: dict[str, Any] = {"solver": "+".join(sorted(used))}
+    if errors:
+        total = float(yy.sum())
+        scale = 1 / total if total > 0 else 1.0
+        row.update(error_before=before * scale, error_after=after * scale)
+    return row
 
 
 def reconstruct_(
@@ -340,6 +343,7 @@ def reconstruct_(
     seed: int = 0,
     exact_statistics: bool = False,
     cache: dict[str, Any] | None = None,
+    errors: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Apply ``masks`` and re-solve every Linear/Conv2d layer's kept weights and bias in place.
 
@@ -369,14 +373,20 @@ def reconstruct_(
             default blocks of at most ``BLOCK_ROWS`` rows are multiplied in float32 (or the
             model's wider dtype) and summed in float64.
         cache: a dict kept across calls with the same ``dense`` network, calibration inputs,
-            ``max_rows`` and ``seed`` (e.g. the levels of a sweep): the dense layers' target rows
-            are computed once and reused. A fingerprint (shapes and sums of the dense parameters
-            and of the inputs) is checked, and the entry replaced when it differs.
+            ``max_rows``, ``seed`` and ``exact_statistics`` (e.g. the levels of a sweep): the
+            rows drawn, the dense layers' target rows, and the statistics of a layer whose input
+            depends on the calibration inputs alone (only modules without parameters or buffers
+            before it) are computed once and reused (with the OBS solver's factors of them). A
+            fingerprint (shapes and sums of the dense parameters and of the inputs) is checked,
+            and the entry replaced when it differs.
+        errors: measure each layer's output error before and after (two quadratic forms in
+            ``H`` per layer; a sweep, which does not report them, passes False).
 
     Returns:
         ``{layer name: {"solver", "error_before", "error_after"}}`` in forward order: the layer's
         output error ``||Y_dense − X w||² / ||Y_dense||²`` on the calibration set (its rows used
-        for ``H``) with the masked weights and with the re-solved ones.
+        for ``H``) with the masked weights and with the re-solved ones (only ``"solver"`` with
+        ``errors=False``).
 
     Raises:
         ValueError: bad arguments, or empty / NaN / wrongly shaped calibration inputs; the model is
@@ -396,6 +406,8 @@ def reconstruct_(
         raise ValueError(f"Invalid max_rows: {max_rows!r} (expected a positive int or None)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"Invalid seed: {seed!r} (expected an int)")
+    if not isinstance(errors, bool):
+        raise ValueError(f"Invalid errors: {errors!r} (expected True or False)")
     if cache is not None and not isinstance(cache, dict):
         raise ValueError(f"Invalid cache: {type(cache).__name__} (expected a dict or None)")
     masks = check_masks(model, masks)
@@ -418,23 +430,35 @@ def reconstruct_(
                 params = dict(model.named_parameters())
                 for name, keep in masks.items():
                     params[name].masked_fill_(~keep, 0)
-            plan, per = _row_plan(dense, order, chunks, max_rows, seed)
-            key = (max_rows, seed, _fingerprint(dense, chunks))
+            key = (max_rows, seed, exact_statistics, _fingerprint(dense, chunks))
             if cache is not None and cache.get("key") == key:
-                targets = cache["targets"]
+                plan, targets, kept = cache["plan"], cache["targets"], cache["stats"]
             else:
-                targets = _dense_targets(dense, order, chunks, plan, per)
+                plan, per = _row_plan(dense, order, chunks, max_rows, seed)
+                targets, kept = _dense_targets(dense, order, chunks, plan, per), {}
                 if cache is not None:
                     cache.clear()
-                    cache.update(key=key, targets=targets)
+                    cache.update(key=key, plan=plan, targets=targets, stats=kept)
             inputs = LayerInputs(model, order, chunks, ACTIVATION_CACHE_BYTES)
             info = {}
             for i, name in enumerate(order):
-                layer_targets = None if targets is None else targets[name]
-                stats = _statistics(
-                    inputs, i, dense, name, chunks, plan[name], layer_targets, exact_statistics
+                # a layer whose input depends on the calibration inputs alone has the same
+                # statistics in every call with this key (a sweep's first layer): kept
+                fixed = inputs.fixed(i)
+                if fixed and name in kept:
+                    stats, memos = kept[name]
+                else:
+                    layer_targets = None if targets is None else targets[name]
+                    stats = _statistics(
+                        inputs, i, dense, name, chunks, plan[name], layer_targets,
+                        exact_statistics,
+                    )  # fmt: skip
+                    memos = [{} for _ in range(stats[0].shape[0])] if fixed else None
+                    if fixed:  # with the solver's factors of these statistics
+                        kept[name] = (stats, memos)
+                info[name] = _reconstruct_layer(
+                    model, name, masks, stats, float(ridge), solver, memos, errors
                 )
-                info[name] = _reconstruct_layer(model, name, masks, stats, float(ridge), solver)
                 inputs.done(i)
             if recalibrate and batchnorm_modules(model):
                 recalibrate_bn(model, chunks)

@@ -93,14 +93,29 @@ def solve_exact(H: Tensor, B: Tensor, keep: Tensor, lam: float) -> Tensor:
     return W
 
 
-def solve_obs(H: Tensor, B: Tensor, keep: Tensor, lam: float, block: int = 128) -> Tensor:
-    """``(out, d)`` weights by SparseGPT's column-by-column OBS update with the mask ``keep``."""
-    d = H.shape[0]
+def obs_factors(H: Tensor, B: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """The mask-independent part of :func:`solve_obs`: the dense optimum ``W* (out, d)`` and
+    the upper Cholesky factor ``U`` of ``(H + λI)⁻¹``."""
     Hl = H.clone()
     Hl.diagonal().add_(lam)
     L = torch.linalg.cholesky(Hl)
-    W = torch.cholesky_solve(B, L).T.contiguous()  # (out, d): the dense optimum
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    W = torch.cholesky_solve(B, L).T.contiguous()
+    return W, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+def solve_obs(
+    H: Tensor,
+    B: Tensor,
+    keep: Tensor,
+    lam: float,
+    block: int = 128,
+    factors: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``(out, d)`` weights by SparseGPT's column-by-column OBS update with the mask ``keep``
+    (``factors``: :func:`obs_factors` of the same ``H``, ``B``, ``λ`` if already known)."""
+    d = H.shape[0]
+    W_dense, U = obs_factors(H, B, lam) if factors is None else factors
+    W = W_dense.clone()
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
         W1 = W[:, i1:i2].clone()
@@ -116,12 +131,21 @@ def solve_obs(H: Tensor, B: Tensor, keep: Tensor, lam: float, block: int = 128) 
     return W.masked_fill_(~keep, 0.0)
 
 
-def solve(H: Tensor, B: Tensor, keep: Tensor, ridge: float, solver: str) -> tuple[Tensor, str]:
-    """Weights ``(out, d)`` for one layer/group and the solver used (see the module docstring)."""
+def solve(
+    H: Tensor, B: Tensor, keep: Tensor, ridge: float, solver: str, memo: dict | None = None
+) -> tuple[Tensor, str]:
+    """Weights ``(out, d)`` for one layer/group and the solver used (see the module docstring).
+    ``memo``: a dict kept with these very ``H`` and ``B`` over calls; keeps OBS's factors."""
     name = choose(keep, solver)
     lam = ridge_of(H, ridge)
-    W = solve_exact(H, B, keep, lam) if name == "exact" else solve_obs(H, B, keep, lam)
-    return W, name
+    if name == "exact":
+        return solve_exact(H, B, keep, lam), name
+    factors = None if memo is None else memo.get(lam)
+    if factors is None:
+        factors = obs_factors(H, B, lam)
+        if memo is not None:
+            memo[lam] = factors
+    return solve_obs(H, B, keep, lam, factors=factors), name
 
 
 def quadratic_error(H: Tensor, B: Tensor, yy: Tensor, W: Tensor) -> float:

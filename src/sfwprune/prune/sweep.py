@@ -162,12 +162,14 @@ def _gradual_step_(
     dense: nn.Module,
     previous: Mapping[str, Tensor] | None,
     prune_kwargs: Mapping[str, Any],
+    cache: dict[str, Any],
 ) -> tuple[Ranking, dict[str, Tensor]]:
     """One step of the gradual schedule, in place: rank the weights as they are (the entries
-    ``previous`` pruned first), prune to ``sparsity``, reconstruct against ``dense``."""
+    ``previous`` pruned first), prune to ``sparsity``, reconstruct against ``dense`` (``cache``:
+    :func:`reconstruct_`'s, kept over the schedule)."""
     ranking = Ranking(model, calibration=calibration, keep=previous, **prune_kwargs)
     masks = ranking.prune_(sparsity)
-    reconstruct_(model, masks, calibration, dense=dense)
+    reconstruct_(model, masks, calibration, dense=dense, cache=cache, errors=False)
     return ranking, masks
 
 
@@ -201,8 +203,9 @@ def gradual_prune_(
     dense = copy.deepcopy(model)
     kwargs = {"scope": scope, "criterion": criterion, "include": include}
     masks: dict[str, Tensor] | None = None
+    cache: dict[str, Any] = {}
     for step, _ in gradual_schedule([level], gradual_step):
-        _, masks = _gradual_step_(model, step, chunks, dense, masks, kwargs)
+        _, masks = _gradual_step_(model, step, chunks, dense, masks, kwargs, cache)
     assert masks is not None
     return masks
 
@@ -328,6 +331,7 @@ def sparsity_sweep(
     if gradual:
         plan = gradual_schedule(levels, gradual_step)
     previous: dict[str, Tensor] | None = None
+    cache: dict[str, Any] = {}  # reconstruct_'s dense targets and first-layer statistics
     spent, steps = 0.0, 0  # gradual: seconds and reconstructions since the last level
     try:
         bar: Iterable[tuple[float, int | None]] = plan
@@ -340,7 +344,7 @@ def sparsity_sweep(
             if previous is not None:  # gradual, after the first step
                 assert chunks is not None and dense is not None
                 ranking, masks = _gradual_step_(
-                    model, sparsity, chunks, dense, previous, prune_kwargs
+                    model, sparsity, chunks, dense, previous, prune_kwargs, cache
                 )
                 previous = masks
             else:
@@ -352,7 +356,7 @@ def sparsity_sweep(
                 else:
                     masks = ranking.prune_(sparsity)
                 if chunks is not None:
-                    reconstruct_(model, masks, chunks, dense=dense)
+                    reconstruct_(model, masks, chunks, dense=dense, cache=cache, errors=False)
                     if gradual:
                         previous = masks
             steps += 1
