@@ -285,9 +285,10 @@ class LayerInputs:
     A probe forward (one sample) finds the *resume points*: submodules called once, with one
     positional tensor and no keyword, whose input is the very tensor their parent received or an
     earlier such sibling returned (a chain such as ``nn.Sequential`` stages and blocks, or a
-    residual block's shortcut on the block's input). The input of layer ``k`` is then got by
-    running only its innermost resume-point ancestor from that ancestor's cached input, cut at
-    ``k``. Caches are kept per chunk while a later layer may need them and never go stale: every
+    residual block's shortcut on the block's input), with the same values (a tensor changed in
+    place keeps its id). The input of layer ``k`` is then got by running only its innermost
+    resume-point ancestor from that ancestor's cached input, cut at ``k``; a resume point that
+    returns its last child's very output (a ``Sequential``) is rebuilt from that child's input. Caches are kept per chunk while a later layer may need them and never go stale: every
     layer called before a resume point is final (reconstructed) when its input is first built.
 
     If the cached activations could exceed ``budget`` bytes (estimated from the probe), or no
