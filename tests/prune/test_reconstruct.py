@@ -562,3 +562,74 @@ def test_layer_inputs_build_a_block_output_from_its_tail_only_when_it_is_that_ou
     # the second conv's input once per chunk; the head's inputs from the second conv's cached
     # input (tail), else each of its two layers' from a forward of the whole model
     assert len(first_conv) == (6 if inplace_after else 2)
+
+
+def _inputs_match_full_forwards(net: nn.Module, x: torch.Tensor) -> LayerInputs:
+    """Every layer's input from LayerInputs equals a forward cut at the layer, while each
+    layer's weights change after it is read (as reconstruction changes them)."""
+    from sfwprune.prune.calibration import capture, forward_order
+
+    chunks = [x[:4], x[4:]]
+    order = [n for n, _ in forward_order(net, x[:1])]
+    inputs = LayerInputs(net, order, chunks, budget=2**30)
+    for i, name in enumerate(order):
+        for c in range(2):
+            want = capture(net, net.get_submodule(name), chunks[c].clone(), output=False)[0]
+            assert torch.equal(inputs.get(i, c), want), (name, c)
+        with torch.no_grad():
+            net.get_submodule(name).weight.mul_(1.5)
+        inputs.done(i)
+    return inputs
+
+
+class _TwoConsumers(nn.Module):
+    """A block ending in a non-idempotent in-place activation, read by two branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.LeakyReLU(0.1, inplace=True))
+        self.b1 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+        self.b2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        return self.b1(h) + self.b2(h)
+
+
+class _ClampAfter(nn.Module):
+    """Returns its child's output changed in place: on a small probe sample, unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.seq(x).clamp_(max=1.0)
+
+
+def test_layer_inputs_copy_cached_inputs_that_a_module_changes_in_place():
+    torch.manual_seed(0)
+    net = _TwoConsumers().eval()
+    inputs = _inputs_match_full_forwards(net, torch.randn(8, 1, 6, 6))
+    assert net.stem[1] in inputs.mutates and net.stem[0] not in inputs.mutates
+
+
+def test_layer_inputs_take_tails_of_plain_sequentials_only():
+    torch.manual_seed(0)
+    net = nn.Sequential(_ClampAfter(), nn.Linear(2 * 5 * 5, 3)).eval()
+    x = torch.randn(8, 1, 5, 5)
+    x[0] *= 1e-3  # the probe sample: the clamp changes nothing there, elsewhere it does
+    inputs = _inputs_match_full_forwards(net, x)
+    assert net[0] not in inputs.tail and net[0].seq in inputs.tail
+
+
+def test_cache_key_sees_reordered_calibration_inputs():
+    net, x = trained_lenet300()
+    masks = prune_(copy.deepcopy(net), 0.9)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    cache: dict = {}
+    reconstruct_(copy.deepcopy(net), masks, [x], dense=net, cache=cache)
+    a, b = copy.deepcopy(net), copy.deepcopy(net)
+    reconstruct_(a, masks, [x[perm]], dense=net, cache=cache)  # same sums, other order
+    reconstruct_(b, masks, [x[perm]], dense=net)
+    assert same(a, snapshot(b))

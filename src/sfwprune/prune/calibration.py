@@ -303,6 +303,7 @@ class LayerInputs:
         self.source: dict[nn.Module, tuple[str, nn.Module]] = {}
         # a resume point -> its child whose output it returns (see _probe)
         self.tail: dict[nn.Module, nn.Module] = {}
+        self.mutates: set[nn.Module] = set()
         self.anchor: list[nn.Module | None] = [None] * len(order)
         self.cache: dict[nn.Module, list[Tensor | None]] = {}
         self.last_use: dict[nn.Module, int] = {}
@@ -320,6 +321,7 @@ class LayerInputs:
         # values as they were at the call (a tensor changed in place later keeps its id)
         in_val: dict[nn.Module, Tensor] = {}
         out_val: dict[nn.Module, Tensor] = {}
+        live_in: dict[nn.Module, Tensor] = {}
 
         def pre(m: nn.Module, args: tuple, kwargs: dict) -> None:
             alive.append((args, kwargs))
@@ -329,6 +331,7 @@ class LayerInputs:
             ins[m] = (id(args[0]) if simple else -1, simple, args[0].numel() if simple else 0)
             if simple:
                 in_val[m] = args[0].detach().clone()
+                live_in[m] = args[0]
 
         def post(m: nn.Module, args: tuple, out: Any) -> None:
             alive.append(out)
@@ -348,6 +351,9 @@ class LayerInputs:
                 h.remove()
         root_in = id(x1)
         in_val[model] = x1
+        # modules whose input was changed in place after their call (by them, e.g. an in-place
+        # activation, or later): run on a copy of a cached input, which other layers may read
+        self.mutates = {m for m, x in live_in.items() if not torch.equal(x, in_val[m])}
 
         def same(a: Tensor | None, b: Tensor | None) -> bool:
             return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
@@ -370,13 +376,13 @@ class LayerInputs:
             if hits:
                 resume[m] = ("sibling", hits[-1])
         self.source = resume
-        # a resume point whose output is the very output of one of its resume-point children
-        # (a Sequential's last module): that child, run from its own input, makes it
+        # an nn.Sequential resume point returns its last child's very output: that child, run
+        # from its own cached input, makes it (a subclass's forward may do more after it)
         for m in resume:
-            kids = [k for k in m.children() if k in resume and outs.get(k) == outs[m]
-                    and same(out_val.get(k), out_val.get(m))]  # fmt: skip
-            if kids:
-                self.tail[m] = kids[-1]
+            kids = list(m.children())
+            if type(m) is nn.Sequential and kids and kids[-1] in resume:
+                if outs.get(kids[-1]) == outs[m] and same(out_val.get(kids[-1]), out_val.get(m)):
+                    self.tail[m] = kids[-1]
         index = {layer: i for i, layer in enumerate(self.layers)}
         span: dict[nn.Module, tuple[int, int]] = {}
         for m in resume:
@@ -431,7 +437,7 @@ class LayerInputs:
             x = self._input_of(src, c)
             if kind == "sibling":
                 with torch.no_grad():
-                    x = src(x)
+                    x = src(x.clone() if src in self.mutates else x)
             cached[c] = x
         x = cached[c]
         assert x is not None
@@ -457,7 +463,7 @@ class LayerInputs:
         x = self._input_of(anchor, c)
         if anchor is layer:
             return x
-        return capture(anchor, layer, x, output=False)[0]
+        return capture(anchor, layer, x.clone() if anchor in self.mutates else x, output=False)[0]
 
     def done(self, i: int) -> None:
         """Layer ``i`` is final: drop the cached inputs no later layer needs."""

@@ -242,10 +242,17 @@ def _dense_targets(
     return targets
 
 
+def _sums(t: Tensor) -> tuple:
+    """Shape, float64 sum and position-weighted sum of ``t`` (a reordering changes the last)."""
+    flat = t.detach().reshape(-1).double()
+    weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+    return tuple(t.shape), float(flat.sum()), float(flat @ weights)
+
+
 def _fingerprint(dense: nn.Module, chunks: list[Tensor]) -> tuple:
-    """Shapes and float64 sums of the dense network's state and of the inputs (cache key)."""
-    state = [(k, tuple(v.shape), float(v.double().sum())) for k, v in dense.state_dict().items()]
-    return tuple(state), tuple((tuple(x.shape), float(x.double().sum())) for x in chunks)
+    """:func:`_sums` of the dense network's state and of the inputs (cache key)."""
+    state = [(k, *_sums(v)) for k, v in dense.state_dict().items()]
+    return tuple(state), tuple(_sums(x) for x in chunks)
 
 
 def _statistics(
@@ -377,8 +384,8 @@ def reconstruct_(
             rows drawn, the dense layers' target rows, and the statistics of a layer whose input
             depends on the calibration inputs alone (only modules without parameters or buffers
             before it) are computed once and reused (with the OBS solver's factors of them). A
-            fingerprint (shapes and sums of the dense parameters and of the inputs) is checked,
-            and the entry replaced when it differs.
+            fingerprint (shapes, sums and position-weighted sums of the dense state and of the
+            inputs) is checked, and the entry replaced when it differs.
         errors: measure each layer's output error before and after (two quadratic forms in
             ``H`` per layer; a sweep, which does not report them, passes False).
 
