@@ -338,5 +338,5 @@ def prune_(
         keeps = zero_lowest_([p for _, p in named], scores, sparsity, scope)
         masks = {name: keep for (name, _), keep in zip(named, keeps, strict=True)}
     if dense is not None:
-        reconstruct_(model, masks, calibration, dense=dense)
+        reconstruct_(model, masks, calibration, dense=dense, errors=False)
     return masks
