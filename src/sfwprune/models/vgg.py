@@ -56,7 +56,8 @@ class VGG(nn.Module):
             in_channels = item
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()  # a module: see ResNet18 (no parameters)
         self.classifier = nn.Linear(in_channels, check_num_classes(num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        return self.classifier(self.flatten(self.pool(self.features(x))))

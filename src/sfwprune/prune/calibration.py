@@ -67,10 +67,11 @@ def calibration_chunks(
 
 
 def check_forward(model: nn.Module, x: Tensor) -> None:
-    """Run ``model`` on one chunk; a failure (e.g. a wrong input shape) becomes a ValueError."""
+    """Run ``model`` on two samples of ``x``; a failure (e.g. a wrong input shape) becomes a
+    ValueError (two: a BatchNorm in training mode refuses one)."""
     try:
         with torch.no_grad():
-            model(x)
+            model(x[:2])
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(
