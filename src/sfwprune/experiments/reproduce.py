@@ -132,6 +132,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ksup_kf0.02_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.02,
                                  "schedule": "cosine", "constrained_tensors": "weights",
                                  "warmup_epochs": SFW_WARMUP},
+    # the other direction (stop 21, after the two above were not selected): a larger K or
+    # radius for more dense accuracy, which caps the K-support row at 90-95%
+    "ksup_kf0.2_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.2,
+                                "schedule": "cosine", "constrained_tensors": "weights",
+                                "warmup_epochs": SFW_WARMUP},
+    "ksup_kf0.1_v30_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
+                                "radius_scale": 30.0, "schedule": "cosine",
+                                "constrained_tensors": "weights", "warmup_epochs": SFW_WARMUP},
 }
 # fmt: on
 SCOPES = ("global", "layer")
