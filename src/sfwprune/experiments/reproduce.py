@@ -44,6 +44,15 @@ ACDC_SPARSITY = 0.95
 CRAM_WARMUP = 2.0  # epochs (10% of the grid's 20)
 DEPLOY_SPARSITIES = (0.9, 0.95, 0.98, 0.99)  # the levels the report's targets are measured at
 _WARM = f"({CRAM_WARMUP:g}-epoch warm-up)"  # in the CrAM rows' labels
+
+
+def _ksup_warmup(k_frac: float, **extra: Any) -> dict[str, Any]:
+    """SFW in the K-support ball, weights only, cosine schedule, ``SFW_WARMUP`` epochs of lr
+    warm-up (the "ksup_..._cos_w_wu" variants)."""
+    return {"optimizer": "sfw", "constraint": "k_support", "k_frac": k_frac, "schedule": "cosine",
+            "constrained_tensors": "weights", "warmup_epochs": SFW_WARMUP, **extra}  # fmt: skip
+
+
 TRAINED_METHODS: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": "sgd"},
     "sfw": {"optimizer": "sfw"},
@@ -57,14 +66,7 @@ TRAINED_METHODS: dict[str, dict[str, Any]] = {
     # K-support ball, weights only, lr warm-up: the candidate stop 19's closing note named for
     # LeNet-5 (the variant "ksup_kf0.1_v15_cos_w_wu"), reported on every seed beside the selected
     # variant; added after the LeNet-5 selection seed (100) picked another variant
-    "sfw_ksup_wu": {
-        "optimizer": "sfw",
-        "constraint": "k_support",
-        "k_frac": 0.1,
-        "schedule": "cosine",
-        "constrained_tensors": "weights",
-        "warmup_epochs": SFW_WARMUP,
-    },
+    "sfw_ksup_wu": _ksup_warmup(0.1),
     # CrAM+ over the deployment range the grid reports (90-99%) instead of CrAM's default
     # {90, 95, 98}%: the default row falls 5-16 points from 98% to 99%, a level it never trains at
     "cram_deploy": {
@@ -120,26 +122,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "kf0.01_v30_cos_w_wu": {"optimizer": "sfw", "k_frac": 0.01, "radius_scale": 30.0,
                             "schedule": "cosine", "constrained_tensors": "weights",
                             "warmup_epochs": SFW_WARMUP},
-    "ksup_kf0.1_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
-                                "schedule": "cosine", "constrained_tensors": "weights",
-                                "warmup_epochs": SFW_WARMUP},
+    "ksup_kf0.1_v15_cos_w_wu": _ksup_warmup(0.1),
     # smaller K for the K-support ball (sparser vertices): between the K-support row, which ties
     # fine-tuning on LeNet-5 at 90-95% but not at 98%, and the K-sparse k_frac 0.01 winner, ahead
     # at 98-99% but 1.7 below at 90% (stop 20's grid); added in stop 21, the selection seed decides
-    "ksup_kf0.05_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.05,
-                                 "schedule": "cosine", "constrained_tensors": "weights",
-                                 "warmup_epochs": SFW_WARMUP},
-    "ksup_kf0.02_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.02,
-                                 "schedule": "cosine", "constrained_tensors": "weights",
-                                 "warmup_epochs": SFW_WARMUP},
+    "ksup_kf0.05_v15_cos_w_wu": _ksup_warmup(0.05),
+    "ksup_kf0.02_v15_cos_w_wu": _ksup_warmup(0.02),
     # the other direction (stop 21, after the two above were not selected): a larger K or
     # radius for more dense accuracy, which caps the K-support row at 90-95%
-    "ksup_kf0.2_v15_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.2,
-                                "schedule": "cosine", "constrained_tensors": "weights",
-                                "warmup_epochs": SFW_WARMUP},
-    "ksup_kf0.1_v30_cos_w_wu": {"optimizer": "sfw", "constraint": "k_support", "k_frac": 0.1,
-                                "radius_scale": 30.0, "schedule": "cosine",
-                                "constrained_tensors": "weights", "warmup_epochs": SFW_WARMUP},
+    "ksup_kf0.2_v15_cos_w_wu": _ksup_warmup(0.2),
+    "ksup_kf0.1_v30_cos_w_wu": _ksup_warmup(0.1, radius_scale=30.0),
 }
 # fmt: on
 SCOPES = ("global", "layer")
