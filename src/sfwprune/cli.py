@@ -63,18 +63,27 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _add_reconstruct_args(p: argparse.ArgumentParser, gradual_help: str) -> None:
+    """``--reconstruct``, ``--calibration-size``, ``--gradual`` and ``--gradual-step`` (sweep and
+    prune)."""
+    from .prune.sweep import GRADUAL_STEP
+
+    p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
+    p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
+    p.add_argument("--gradual", action="store_true", help=gradual_help)
+    p.add_argument(
+        "--gradual-step", type=float, default=GRADUAL_STEP,
+        help="with --gradual: the largest fraction of the kept weights one step prunes; levels "
+        f"further apart get steps in between (default {GRADUAL_STEP}; 1: the levels alone)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._checks import parse_seed, parse_sparsities, parse_sparsity
     from .experiments.config import TrainConfig
     from .experiments.flags import add_flags
     from .experiments.prune import DTYPES
     from .prune.masks import CRITERIA, INCLUDES, SCOPES
-    from .prune.sweep import GRADUAL_STEP
-
-    gradual_step_help = (
-        "with --gradual: the largest fraction of the kept weights one step prunes; levels "
-        f"further apart get steps in between (default {GRADUAL_STEP}; 1: the levels alone)"
-    )
 
     parser = _Parser(
         prog="sfwprune",
@@ -102,14 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include", default="weights", help=" | ".join(INCLUDES))
     p.add_argument("--criterion", default="magnitude", help=" | ".join(CRITERIA))
     p.add_argument("--bn-recalibrate", action="store_true", help="recompute BN stats per level")
-    p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
-    p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
-    p.add_argument(
-        "--gradual", action="store_true",
-        help="with --reconstruct: levels in increasing order, each pruning on from the previous "
+    _add_reconstruct_args(
+        p, "with --reconstruct: levels in increasing order, each pruning on from the previous "
         "level's reconstructed weights",
     )  # fmt: skip
-    p.add_argument("--gradual-step", type=float, default=GRADUAL_STEP, help=gradual_step_help)
     p.add_argument("--seed", type=_arg(parse_seed), default=0, help="seed of the random criterion")
     p.add_argument("--tag", help="write sweep-TAG.json instead of sweep.json")
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
@@ -128,14 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="magnitude", help=" | ".join(CRITERIA))
     p.add_argument("--dtype", default="float32", help=" | ".join(DTYPES))
     p.add_argument("--bn-recalibrate", action="store_true")
-    p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
-    p.add_argument("--calibration-size", type=int, default=2048, help=_CALIBRATION)
-    p.add_argument(
-        "--gradual", action="store_true",
-        help="with --reconstruct: reach --sparsity in steps, each pruning on from the previous "
+    _add_reconstruct_args(
+        p, "with --reconstruct: reach --sparsity in steps, each pruning on from the previous "
         "step's reconstructed weights (as sweep --gradual)",
     )  # fmt: skip
-    p.add_argument("--gradual-step", type=float, default=GRADUAL_STEP, help=gradual_step_help)
     p.add_argument("--allow-partial", action="store_true", help=_PARTIAL)
     p.add_argument("--structure", help=_STRUCTURE)
     p.add_argument("--norm", type=int, default=2, help=_NORM)
