@@ -289,8 +289,9 @@ class LayerInputs:
     residual block's shortcut on the block's input), with the same values (a tensor changed in
     place keeps its id). The input of layer ``k`` is then got by running only its innermost
     resume-point ancestor from that ancestor's cached input, cut at ``k``; a resume point that
-    returns its last child's very output (a ``Sequential``) is rebuilt from that child's input. Caches are kept per chunk while a later layer may need them and never go stale: every
-    layer called before a resume point is final (reconstructed) when its input is first built.
+    returns its last child's very output (a ``Sequential``) is rebuilt from that child's input.
+    Caches are kept per chunk while a later layer may need them and never go stale: every layer
+    called before a resume point is final (reconstructed) when its input is first built.
 
     If the cached activations could exceed ``budget`` bytes (estimated from the probe), or no
     resume point exists, every input comes from a forward of the whole model cut at the layer.

@@ -460,8 +460,9 @@ def reconstruct_(
                         inputs, i, dense, name, chunks, plan[name], layer_targets,
                         exact_statistics,
                     )  # fmt: skip
-                    memos = [{} for _ in range(stats[0].shape[0])] if fixed else None
-                    if fixed:  # with the solver's factors of these statistics
+                    memos = None
+                    if fixed:  # kept with the solver's factors of these statistics, per group
+                        memos = [{} for _ in range(stats[0].shape[0])]
                         kept[name] = (stats, memos)
                 info[name] = _reconstruct_layer(
                     model, name, masks, stats, float(ridge), solver, memos, errors

@@ -331,7 +331,7 @@ def sparsity_sweep(
     if gradual:
         plan = gradual_schedule(levels, gradual_step)
     previous: dict[str, Tensor] | None = None
-    cache: dict[str, Any] = {}  # reconstruct_'s dense targets and first-layer statistics
+    cache: dict[str, Any] = {}  # reconstruct_'s cache, kept over the levels and steps
     spent, steps = 0.0, 0  # gradual: seconds and reconstructions since the last level
     try:
         bar: Iterable[tuple[float, int | None]] = plan
