@@ -135,17 +135,17 @@ def test_optimizer_kernel_path_with_non_contiguous_gradients() -> None:
     torch.testing.assert_close(m1, m2, rtol=1e-10, atol=1e-12)
 
 
+def _named_group(p: nn.Parameter, k: int, name: str) -> dict:
+    """A K-sparse group (radius 1) of one tensor, named for the refusal message."""
+    return {"params": [p], **make_constraint("k_sparse", p.numel(), k=k, radius=1.0).to_group(),
+            "name": name}  # fmt: skip
+
+
 def test_refused_step_leaves_weights_and_momentum_unchanged() -> None:
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(300, 100))
     b = nn.Parameter(torch.randn(10))
-    groups = [
-        {"params": [w], **make_constraint("k_sparse", w.numel(), k=600, radius=1.0).to_group(),
-         "name": "w"},
-        {"params": [b], **make_constraint("k_sparse", 10, k=2, radius=1.0).to_group(),
-         "name": "b"},
-    ]  # fmt: skip
-    opt = SFW(groups, lr=1.0)
+    opt = SFW([_named_group(w, 600, "w"), _named_group(b, 2, "b")], lr=1.0)
     for _ in range(3):
         w.grad, b.grad = torch.randn(300, 100), torch.randn(10)
         opt.step()
@@ -186,13 +186,7 @@ def test_refused_first_step_and_mixed_dtypes_change_nothing() -> None:
     torch.manual_seed(0)
     w32 = nn.Parameter(torch.randn(200, 100))
     w64 = nn.Parameter(torch.randn(50, dtype=torch.float64))
-    groups = [
-        {"params": [w32], **make_constraint("k_sparse", w32.numel(), k=900, radius=1.0).to_group(),
-         "name": "w32"},
-        {"params": [w64], **make_constraint("k_sparse", 50, k=5, radius=1.0).to_group(),
-         "name": "w64"},
-    ]  # fmt: skip
-    opt = SFW(groups, lr=1.0)
+    opt = SFW([_named_group(w32, 900, "w32"), _named_group(w64, 5, "w64")], lr=1.0)
     w32.grad, w64.grad = torch.randn(200, 100), torch.randn(50, dtype=torch.float64)
     w64.grad[7] = float("inf")
     before = (w32.detach().clone(), w64.detach().clone())
