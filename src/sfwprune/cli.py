@@ -64,8 +64,8 @@ def _path(text: str) -> Path:
 
 
 def _add_reconstruct_args(p: argparse.ArgumentParser, gradual_help: str) -> None:
-    """``--reconstruct``, ``--calibration-size``, ``--gradual`` and ``--gradual-step`` (sweep and
-    prune)."""
+    """``--reconstruct``, ``--calibration-size``, ``--gradual``, ``--gradual-step`` and
+    ``--relu-aware`` (sweep and prune)."""
     from .prune.sweep import GRADUAL_STEP
 
     p.add_argument("--reconstruct", action="store_true", help=_RECONSTRUCT)
@@ -75,6 +75,11 @@ def _add_reconstruct_args(p: argparse.ArgumentParser, gradual_help: str) -> None
         "--gradual-step", type=float, default=GRADUAL_STEP,
         help="with --gradual: the largest fraction of the kept weights one step prunes; levels "
         f"further apart get steps in between (default {GRADUAL_STEP}; 1: the levels alone)",
+    )  # fmt: skip
+    p.add_argument(
+        "--relu-aware", action="store_true",
+        help="with --reconstruct: a layer whose output goes straight into a ReLU matches what "
+        "the ReLU passes on, not its raw output (docs/algorithm.md §6)",
     )  # fmt: skip
 
 
@@ -251,7 +256,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         sparsities=tuple(args.sparsities or levels), scope=args.scope,
         include=args.include, criterion=args.criterion, bn_recalibrate=args.bn_recalibrate,
         seed=args.seed, reconstruct=args.reconstruct, calibration_size=args.calibration_size,
-        gradual=args.gradual, gradual_step=args.gradual_step, **structured,
+        gradual=args.gradual, gradual_step=args.gradual_step, relu_aware=args.relu_aware,
+        **structured,
     ).validate()  # fmt: skip
     result = sweep_run(args.run_dir, sweep, tag=args.tag, allow_partial=args.allow_partial)
     if not result["run"]["finished"]:
@@ -276,7 +282,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         args.run_dir, sparsity, args.out, scope=args.scope, include=args.include,
         criterion=args.criterion, dtype=args.dtype, bn_recalibrate=args.bn_recalibrate,
         reconstruct=args.reconstruct, calibration_size=args.calibration_size,
-        gradual=args.gradual, gradual_step=args.gradual_step,
+        gradual=args.gradual, gradual_step=args.gradual_step, relu_aware=args.relu_aware,
         allow_partial=args.allow_partial, structure=args.structure, norm=args.norm,
         indivisible=args.indivisible,
     )  # fmt: skip

@@ -471,7 +471,7 @@ def test_cache_keeps_the_statistics_of_layers_fed_the_calibration_inputs(monkeyp
     net, x = trained_lenet300()
     seen = []
     real = rec._statistics
-    monkeypatch.setattr(rec, "_statistics", lambda *a: seen.append(a[3]) or real(*a))
+    monkeypatch.setattr(rec, "_statistics", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     cache: dict = {}
     runs = []
     for level in (0.5, 0.9):

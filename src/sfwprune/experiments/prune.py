@@ -27,6 +27,7 @@ from typing import Any
 from .. import _io
 from .._checks import check_bool, check_choice, check_int
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES, check_sparsity
+from ..prune.reconstruct import check_relu_aware
 from ..prune.sweep import GRADUAL_STEP, check_gradual
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -61,6 +62,7 @@ def prune_run(
     calibration_size: int = 2048,
     gradual: bool = False,
     gradual_step: float = GRADUAL_STEP,
+    relu_aware: bool = False,
     allow_partial: bool = False,
     structure: str | None = None,
     norm: int = 2,
@@ -73,7 +75,8 @@ def prune_run(
     finished is refused unless ``allow_partial`` (:func:`~sfwprune.experiments.runner.load_run`).
     ``reconstruct`` re-solves the kept weights on ``calibration_size`` training images (also the
     inputs of ``criterion="wanda"``), before the file is written; with ``gradual`` through the
-    gradual schedule (:func:`sfwprune.prune.gradual_prune_`, steps of at most ``gradual_step``).
+    gradual schedule (:func:`sfwprune.prune.gradual_prune_`, steps of at most ``gradual_step``);
+    ``relu_aware``: layers that feed a ReLU match what it passes on.
 
     ``structure="channel"`` (``sparsity``: fraction of output units; ``scope``; ``norm`` 1 or 2)
     writes the physically smaller model, ``"N:M"`` (e.g. ``"2:4"``; ``indivisible``) writes 2:4
@@ -103,6 +106,7 @@ def prune_run(
     check_choice("criterion", criterion, CRITERIA)
     check_bool("reconstruct", reconstruct)
     check_gradual(gradual, reconstruct, structure, gradual_step)
+    check_relu_aware(relu_aware, reconstruct)
     check_int("calibration_size", calibration_size, 1)
     check_choice("dtype", dtype, DTYPES)
     check_bool("bn_recalibrate", bn_recalibrate)
@@ -120,7 +124,8 @@ def prune_run(
         dense = copy.deepcopy(model).eval()
         prune_(model, None if nm else sparsity, structure=structure, scope=scope,
                include=include, criterion=criterion, calibration=calibration,
-               reconstruct=reconstruct, norm=norm, indivisible=indivisible)  # fmt: skip
+               reconstruct=reconstruct, relu_aware=relu_aware, norm=norm,
+               indivisible=indivisible)  # fmt: skip
         if bn_recalibrate:
             recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
         payload = structured_payload(model, structure, cfg.model, data, getattr(torch, dtype))
@@ -141,10 +146,11 @@ def prune_run(
     if gradual:
         assert calibration is not None
         gradual_prune_(model, sparsity, calibration, gradual_step=gradual_step, scope=scope,
-                       criterion=criterion, include=include)  # fmt: skip
+                       criterion=criterion, include=include, relu_aware=relu_aware)  # fmt: skip
     else:
         prune_(model, sparsity, scope=scope, include=include, criterion=criterion,
-               calibration=calibration, reconstruct=reconstruct)  # fmt: skip
+               calibration=calibration, reconstruct=reconstruct,
+               relu_aware=relu_aware)  # fmt: skip
     if bn_recalibrate:
         recalibrate_bn(model, calibration_batches(cfg, data, device, SweepConfig.bn_batches))
     save_pruned(model, out, dtype=getattr(torch, dtype))

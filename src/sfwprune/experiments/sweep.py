@@ -29,6 +29,7 @@ import torch
 from .. import _io
 from ..prune import needs_calibration, sparsity_sweep
 from ..prune.masks import CRITERIA, INCLUDES, SCOPES
+from ..prune.reconstruct import check_relu_aware
 from ..prune.sweep import GRADUAL_STEP, check_gradual
 from ..train import evaluate
 from .config import DEFAULT_SPARSITIES
@@ -52,6 +53,7 @@ class SweepConfig:
     calibration_size: int = 2048  # training images (no labels used), fixed seed CALIBRATION_SEED
     gradual: bool = False  # reconstruct only: levels in increasing order, each from the previous
     gradual_step: float = GRADUAL_STEP  # gradual: most of the kept entries one step prunes
+    relu_aware: bool = False  # reconstruct only: layers feeding a ReLU match what it passes on
     # structured pruning (docs/algorithm.md §7): None (unstructured), "channel" or "N:M"
     structure: str | None = None
     norm: int = 2  # channel: rank units by their L1 (1, Li et al. 2017) or L2 (2) row norm
@@ -102,6 +104,7 @@ class SweepConfig:
         check_gradual(
             self.gradual, self.reconstruct, self.structure, self.gradual_step
         )  # before any run is loaded
+        check_relu_aware(self.relu_aware, self.reconstruct)
         return self
 
 
@@ -149,7 +152,7 @@ def sweep_model(model, cfg, data, device, sweep: SweepConfig) -> list[dict[str, 
         bn_batches=bn_batches, scope=sweep.scope, include=sweep.include,
         criterion=sweep.criterion, generator=generator, calibration=calibration,
         reconstruct=sweep.reconstruct, gradual=sweep.gradual, gradual_step=sweep.gradual_step,
-        **structured,
+        relu_aware=sweep.relu_aware, **structured,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from ..params import weight_parameters
 from .calibration import calibration_chunks, check_forward, feature_sq_sums, model_device
-from .reconstruct import check_calibration, reconstruct_
+from .reconstruct import check_calibration, check_relu_aware, reconstruct_
 
 Tensor = torch.Tensor
 
@@ -256,6 +256,7 @@ def prune_(
     generator: torch.Generator | None = None,
     calibration: Iterable[Any] | None = None,
     reconstruct: bool = False,
+    relu_aware: bool = False,
     norm: int = 2,
     indivisible: str = "error",
 ) -> dict[str, Tensor]:
@@ -294,6 +295,8 @@ def prune_(
             BatchNorm statistics re-estimated). The masks stay fixed, so a removed unit's weights,
             bias and BatchNorm scale/shift stay exactly 0. Calibration errors raise before
             anything changes.
+        relu_aware: with ``reconstruct``: layers that feed a ReLU match what it passes on
+            (:func:`reconstruct_`'s ``relu_aware``).
         norm: channel only: rank units by the L2 (``2``) or L1 (``1``, Li et al. 2017) norm.
         indivisible: N:M only: ``"error"`` when a row length is not a multiple of M, or
             ``"skip"`` (such layers stay dense, without a mask).
@@ -326,6 +329,7 @@ def prune_(
             model, sparsity, structure, scope=scope, criterion=criterion, include=include,
             norm=norm, indivisible=indivisible,
         )  # fmt: skip
+    check_relu_aware(relu_aware, reconstruct)
     if reconstruct:
         calibration = check_calibration(model, calibration)
     dense = copy.deepcopy(model) if reconstruct else None
@@ -338,5 +342,5 @@ def prune_(
         keeps = zero_lowest_([p for _, p in named], scores, sparsity, scope)
         masks = {name: keep for (name, _), keep in zip(named, keeps, strict=True)}
     if dense is not None:
-        reconstruct_(model, masks, calibration, dense=dense, errors=False)
+        reconstruct_(model, masks, calibration, dense=dense, errors=False, relu_aware=relu_aware)
     return masks

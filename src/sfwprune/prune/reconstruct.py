@@ -49,6 +49,11 @@ BLOCK_ELEMENTS = 2**23
 MAX_ROWS = 2**15
 # bytes of dense-layer targets kept for one level (else the dense net runs once per layer)
 TARGET_CACHE_BYTES = 2**30
+# re-solves per ReLU-fed layer with reconstruct_(relu_aware=True): chosen on the grid's selection
+# seed (LeNet-5, seed 100: 2 beat 1 and 6 at 95-99% in a prototype; docs/algorithm.md §6)
+RELU_STEPS = 2
+# bytes of a ReLU-fed layer's row blocks kept for its re-solves (else one pass per re-solve)
+RELU_ROWS_BYTES = 2**28
 # bytes of the pruned network's activations cached at resume points (calibration.LayerInputs)
 ACTIVATION_CACHE_BYTES = 2**31
 
@@ -121,8 +126,8 @@ class _Accumulator:
     float32 rounding of one product is ~1e-6 relative and does not compound across blocks.
     """
 
-    def __init__(self, exact: bool) -> None:
-        self.exact = exact
+    def __init__(self, exact: bool, gram: bool = True) -> None:
+        self.exact, self.gram = exact, gram
         self.sums: list[Tensor] | None = None
 
     def add(self, X: Tensor, Y: Tensor) -> None:
@@ -130,7 +135,7 @@ class _Accumulator:
         X, Y = X.to(dtype), Y.to(dtype)
         Xt = X.transpose(1, 2)
         parts = [
-            Xt @ X,
+            Xt @ X if self.gram else X.new_zeros(()),
             Xt @ Y,
             X.sum(1, dtype=torch.float64),
             Y.sum(1, dtype=torch.float64),
@@ -144,15 +149,16 @@ class _Accumulator:
             self.sums[5] += X.shape[1]
 
     def result(self, bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """``H (g, d, d)``, ``B (g, d, out_g)``, ``yy (g, out_g)``; ``d`` has a bias row if asked."""
+        """``H (g, d, d)``, ``B (g, d, out_g)``, ``yy (g, out_g)``; ``d`` has a bias row if asked
+        (without ``gram``, ``H`` is a 0-d zero)."""
         assert self.sums is not None
         H, B, sx, sy, yy, rows = self.sums
         if bias:
-            g, f = sx.shape
-            n = H.new_full((g, 1, 1), float(rows))
-            H = torch.cat(
-                [torch.cat([H, sx.unsqueeze(2)], 2), torch.cat([sx.unsqueeze(1), n], 2)], 1
-            )
+            if self.gram:
+                n = H.new_full((sx.shape[0], 1, 1), float(rows))
+                H = torch.cat(
+                    [torch.cat([H, sx.unsqueeze(2)], 2), torch.cat([sx.unsqueeze(1), n], 2)], 1
+                )
             B = torch.cat([B, sy.unsqueeze(1)], 1)
         return H, B, yy
 
@@ -264,14 +270,21 @@ def _statistics(
     plan: list[Tensor | None],
     targets: list[Tensor] | None,
     exact: bool,
+    relu_step: Tensor | None = None,
+    rows: list[tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``H (g, d, d)``, ``B (g, d, out_g)``, ``yy (g, out_g)`` for layer ``name``, in float64.
 
     Rows come from the pruned network's input of the layer and, as targets, the dense layer's
     output (``targets`` per chunk if precomputed); only the rows in ``plan`` when it has indices.
+    ``relu_step``: the layer's current weights ``(g, out_g, d)`` (bias last): then only ``B`` is
+    computed (``H`` is returned as a 0-d zero), for the targets of :func:`_relu_targets`.
+    ``rows``: a list that receives every block ``(X, Y)`` too, while they take at most
+    ``RELU_ROWS_BYTES`` (it is emptied and set aside when they would take more).
     """
     mp, md = inputs.layers[i], dense.get_submodule(name)
-    acc = _Accumulator(exact)
+    acc = _Accumulator(exact, gram=relu_step is None)
+    kept = 0
     for c, x in enumerate(chunks):
         index = plan[c]
         if index is not None and len(index) == 0:
@@ -287,14 +300,68 @@ def _statistics(
         if index is None:
             per = rows_per_sample(mp, xp)
             step = max(1, block // per)
-            for a in range(0, len(xp), step):
-                X = as_rows(mp, xp[a : a + step])
-                acc.add(X, Y[:, a * per : a * per + X.shape[1]])
+            blocks = ((a * per, as_rows(mp, xp[a : a + step])) for a in range(0, len(xp), step))
         else:
-            for a in range(0, len(index), block):
-                X = sample_rows(mp, xp, index[a : a + block])
-                acc.add(X, Y[:, a : a + X.shape[1]])
+            blocks = (
+                (a, sample_rows(mp, xp, index[a : a + block])) for a in range(0, len(index), block)
+            )
+        for a, X in blocks:
+            Yb = Y[:, a : a + X.shape[1]]
+            acc.add(X, _relu_targets(X, Yb, relu_step))
+            if rows is not None:
+                rows.append((X, Yb))
+                kept += X.numel() * X.element_size() + Yb.numel() * Yb.element_size()
+                if kept > RELU_ROWS_BYTES:
+                    rows.clear()
+                    rows = None
     return acc.result(mp.bias is not None)
+
+
+def _relu_statistic(
+    rows: list[tuple[Tensor, Tensor]], W: Tensor, exact: bool, bias: bool
+) -> Tensor:
+    """``B`` of the stored row blocks with the targets of :func:`_relu_targets` for ``W``."""
+    acc = _Accumulator(exact, gram=False)
+    for X, Y in rows:
+        acc.add(X, _relu_targets(X, Y, W))
+    return acc.result(bias)[1]
+
+
+def _relu_targets(X: Tensor, Y: Tensor, W: Tensor | None) -> Tensor:
+    """The targets of one ReLU-aware re-solve (``Y`` itself when ``W`` is None).
+
+    With ``p = x·w`` the current prediction of a row, ``(y − p)²`` is replaced by a quadratic
+    that bounds the ReLU's error ``(relu(y) − relu(p))²`` from above and touches it at ``p``
+    (majorize-minimize): target ``y`` where ``y > 0``, else ``min(p, 0)``. A row whose dense
+    output the ReLU cuts to 0 then only asks the prediction to stay ``<= 0``.
+    """
+    if W is None:
+        return Y
+    f = X.shape[2]
+    W = W.to(X.dtype)  # the prediction only enters targets: the precision of the targets
+    P = (
+        torch.baddbmm(W[:, :, f:].transpose(1, 2), X, W[:, :, :f].transpose(1, 2))
+        if W.shape[2] > f
+        else X @ W.transpose(1, 2)
+    )
+    return torch.where(Y > 0, Y, P.clamp(max=0).to(Y.dtype))
+
+
+def _augmented(module: nn.Module) -> Tensor:
+    """The weights as ``(groups, out_per_group, fan_in_per_group [+ 1 for the bias])``, float64."""
+    w = weight_matrix(module).detach().to(torch.float64)
+    if module.bias is None:
+        return w
+    return torch.cat([w, module.bias.detach().to(torch.float64).view(*w.shape[:2], 1)], 2)
+
+
+def _relative_error(module: nn.Module, stats: tuple[Tensor, Tensor, Tensor]) -> float:
+    """``||Y_dense − X w||² / ||Y_dense||²`` of the layer's current weights (see the statistics)."""
+    H, B, yy = stats
+    W = _augmented(module)
+    error = sum(quadratic_error(H[g], B[g], yy[g], W[g]) for g in range(len(W)))
+    total = float(yy.sum())
+    return error / total if total > 0 else error
 
 
 @torch.no_grad()
@@ -306,34 +373,42 @@ def _reconstruct_layer(
     ridge: float,
     solver: str,
     memos: list[dict] | None,
-    errors: bool,
-) -> dict[str, Any]:
+) -> str:
+    """Re-solve the layer's kept weights (and bias) in place; the solver(s) used."""
     module = model.get_submodule(name)
-    H, B, yy = stats
+    H, B, _ = stats
     keep = _layer_keep(name, module, masks)
     w = weight_matrix(module)  # (g, out_g, f), a view of the parameter
-    before = after = 0.0
     used = set()
     for g in range(groups_of(module)):
-        if errors:
-            current = w[g].to(torch.float64)
-            if module.bias is not None:
-                bg = module.bias.view(w.shape[0], -1)[g].to(torch.float64)
-                current = torch.cat([current, bg.unsqueeze(1)], dim=1)
-            before += quadratic_error(H[g], B[g], yy[g], current * keep[g])
         W, how = solve(H[g], B[g], keep[g], ridge, solver, None if memos is None else memos[g])
-        if errors:
-            after += quadratic_error(H[g], B[g], yy[g], W)
         used.add(how)
         w[g].copy_(W[:, : w.shape[2]])
         if module.bias is not None:
             module.bias.view(w.shape[0], -1)[g].copy_(W[:, -1])
-    row: dict[str, Any] = {"solver": "+".join(sorted(used))}
-    if errors:
-        total = float(yy.sum())
-        scale = 1 / total if total > 0 else 1.0
-        row.update(error_before=before * scale, error_after=after * scale)
-    return row
+    return "+".join(sorted(used))
+
+
+def check_relu_aware(relu_aware: Any, reconstruct: bool) -> None:
+    """``relu_aware`` is a bool, and True only with ``reconstruct``."""
+    if not isinstance(relu_aware, bool):
+        raise ValueError(f"Invalid relu_aware: {relu_aware!r} (expected True or False)")
+    if relu_aware and not reconstruct:
+        raise ValueError("Invalid relu_aware: True (needs reconstruct=True)")
+
+
+def relu_fed(model: nn.Module, order: Iterable[str]) -> set[str]:
+    """The layers of ``order`` whose output goes straight into an ``nn.ReLU`` and nowhere else:
+    the next child of the same plain ``nn.Sequential`` (a subclass may use it otherwise)."""
+    found = set()
+    for parent_name, parent in model.named_modules():
+        if type(parent) is not nn.Sequential:
+            continue
+        children = list(parent.named_children())
+        for (child, _), (_, after) in zip(children, children[1:]):
+            if isinstance(after, nn.ReLU):
+                found.add(f"{parent_name}.{child}" if parent_name else child)
+    return found & set(order)
 
 
 def reconstruct_(
@@ -351,6 +426,7 @@ def reconstruct_(
     exact_statistics: bool = False,
     cache: dict[str, Any] | None = None,
     errors: bool = True,
+    relu_aware: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Apply ``masks`` and re-solve every Linear/Conv2d layer's kept weights and bias in place.
 
@@ -388,6 +464,11 @@ def reconstruct_(
             inputs) is checked, and the entry replaced when it differs.
         errors: measure each layer's output error before and after (two quadratic forms in
             ``H`` per layer; a sweep, which does not report them, passes False).
+        relu_aware: for a layer whose output goes straight into a ReLU (:func:`relu_fed`), match
+            what the ReLU passes on rather than the output itself: after the least-squares solve,
+            ``RELU_STEPS`` re-solves with the targets of :func:`_relu_targets` (a pre-activation
+            the dense ReLU cuts to 0 need only stay ``<= 0``). Costs one pass over the layer's
+            rows per step (``B`` only).
 
     Returns:
         ``{layer name: {"solver", "error_before", "error_after"}}`` in forward order: the layer's
@@ -415,6 +496,7 @@ def reconstruct_(
         raise ValueError(f"Invalid seed: {seed!r} (expected an int)")
     if not isinstance(errors, bool):
         raise ValueError(f"Invalid errors: {errors!r} (expected True or False)")
+    check_relu_aware(relu_aware, True)
     if cache is not None and not isinstance(cache, dict):
         raise ValueError(f"Invalid cache: {type(cache).__name__} (expected a dict or None)")
     masks = check_masks(model, masks)
@@ -447,26 +529,46 @@ def reconstruct_(
                     cache.clear()
                     cache.update(key=key, plan=plan, targets=targets, stats=kept)
             inputs = LayerInputs(model, order, chunks, ACTIVATION_CACHE_BYTES)
-            info = {}
+            relu = relu_fed(model, order) if relu_aware else set()
+            info: dict[str, dict[str, Any]] = {}
             for i, name in enumerate(order):
                 # a layer whose input depends on the calibration inputs alone has the same
-                # statistics in every call with this key (a sweep's first layer): kept
+                # statistics (and rows) in every call with this key (a sweep's first layer): kept
                 fixed = inputs.fixed(i)
+                layer_targets = None if targets is None else targets[name]
+                rows: list[tuple[Tensor, Tensor]] | None = [] if name in relu else None
                 if fixed and name in kept:
-                    stats, memos = kept[name]
+                    stats, memos, rows = kept[name]
                 else:
-                    layer_targets = None if targets is None else targets[name]
                     stats = _statistics(
                         inputs, i, dense, name, chunks, plan[name], layer_targets,
-                        exact_statistics,
+                        exact_statistics, rows=rows,
                     )  # fmt: skip
-                    memos = None
-                    if fixed:  # kept with the solver's factors of these statistics, per group
+                    memos = None  # the solver's factorizations of H, per group
+                    if fixed or name in relu:  # reused: over calls / by the re-solves below
                         memos = [{} for _ in range(stats[0].shape[0])]
-                        kept[name] = (stats, memos)
-                info[name] = _reconstruct_layer(
-                    model, name, masks, stats, float(ridge), solver, memos, errors
-                )
+                    if fixed:
+                        kept[name] = (stats, memos, rows)
+                layer = inputs.layers[i]
+                before = _relative_error(layer, stats) if errors else None
+                how = _reconstruct_layer(model, name, masks, stats, float(ridge), solver, memos)
+                for _ in range(RELU_STEPS if name in relu else 0):
+                    if rows:  # the layer's row blocks, kept
+                        bias = layer.bias is not None
+                        B = _relu_statistic(rows, _augmented(layer), exact_statistics, bias)
+                    else:  # too many to keep: a pass over the calibration set per step
+                        _, B, _ = _statistics(
+                            inputs, i, dense, name, chunks, plan[name], layer_targets,
+                            exact_statistics, relu_step=_augmented(layer),
+                        )  # fmt: skip
+                    _reconstruct_layer(
+                        model, name, masks, (stats[0], B, stats[2]), float(ridge), solver, memos
+                    )
+                info[name] = {"solver": how}
+                if errors:
+                    info[name].update(
+                        error_before=before, error_after=_relative_error(layer, stats)
+                    )
                 inputs.done(i)
             if recalibrate and batchnorm_modules(model):
                 recalibrate_bn(model, chunks)

@@ -53,18 +53,19 @@ def choose(keep: Tensor, solver: str) -> str:
     return "exact" if exact <= max(obs, EXACT_LIMIT) else "obs"
 
 
-def solve_exact(H: Tensor, B: Tensor, keep: Tensor, lam: float) -> Tensor:
-    """``(out, d)`` weights: per unit ``r``, ``w_S = (H_SS + λI)⁻¹ B_S,r``, zero elsewhere.
+def exact_factors(H: Tensor, keep: Tensor, lam: float) -> list[tuple[Tensor, ...]]:
+    """The mask-dependent part of :func:`solve_exact`: per batch of units, ``(units, idx,
+    valid, L)`` with ``L`` the Cholesky factors of the padded ``H_SS + λI`` blocks.
 
-    Units are sorted by ``|S_r|`` and solved in batches of similar ``|S|`` (at most
+    Units are sorted by ``|S_r|`` and batched by similar ``|S|`` (at most
     ``BATCH_GROWTH·|S| + BATCH_SLACK``), each padded to its largest ``|S|`` with identity rows
     (whose solution is 0), so memory stays within ``BATCH_ELEMENTS``.
     """
-    out, d = keep.shape
-    W = H.new_zeros(out, d)
+    out = keep.shape[0]
     counts = keep.sum(1)
     order = torch.argsort(counts, stable=True)
     sizes = counts[order].tolist()
+    batches = []
     start = 0
     while start < out:
         if sizes[start] == 0:
@@ -85,22 +86,36 @@ def solve_exact(H: Tensor, B: Tensor, keep: Tensor, lam: float) -> Tensor:
         both = valid.unsqueeze(2) & valid.unsqueeze(1)
         A = torch.where(both, H[idx.unsqueeze(2), idx.unsqueeze(1)], 0.0)
         A.diagonal(dim1=1, dim2=2).add_(torch.where(valid, lam, 1.0))
+        batches.append((units, idx, valid, torch.linalg.cholesky(A)))
+        start = end
+    return batches
+
+
+def solve_exact(
+    H: Tensor,
+    B: Tensor,
+    keep: Tensor,
+    lam: float,
+    factors: list[tuple[Tensor, ...]] | None = None,
+) -> Tensor:
+    """``(out, d)`` weights: per unit ``r``, ``w_S = (H_SS + λI)⁻¹ B_S,r``, zero elsewhere
+    (``factors``: :func:`exact_factors` of the same ``H``, mask and ``λ`` if already known)."""
+    W = H.new_zeros(keep.shape)
+    for units, idx, valid, L in exact_factors(H, keep, lam) if factors is None else factors:
         rhs = torch.where(valid, B[idx, units.unsqueeze(1)], 0.0).unsqueeze(2)
-        x = torch.cholesky_solve(rhs, torch.linalg.cholesky(A)).squeeze(2)
+        x = torch.cholesky_solve(rhs, L).squeeze(2)
         rows = units.unsqueeze(1).expand_as(idx)
         W.index_put_((rows[valid], idx[valid]), x[valid])
-        start = end
     return W
 
 
-def obs_factors(H: Tensor, B: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """The mask-independent part of :func:`solve_obs`: the dense optimum ``W* (out, d)`` and
-    the upper Cholesky factor ``U`` of ``(H + λI)⁻¹``."""
+def obs_factors(H: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """The part of :func:`solve_obs` that depends on ``H`` alone: the lower Cholesky factor
+    ``L`` of ``H + λI`` and the upper Cholesky factor ``U`` of ``(H + λI)⁻¹``."""
     Hl = H.clone()
     Hl.diagonal().add_(lam)
     L = torch.linalg.cholesky(Hl)
-    W = torch.cholesky_solve(B, L).T.contiguous()
-    return W, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return L, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
 def solve_obs(
@@ -112,10 +127,10 @@ def solve_obs(
     factors: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``(out, d)`` weights by SparseGPT's column-by-column OBS update with the mask ``keep``
-    (``factors``: :func:`obs_factors` of the same ``H``, ``B``, ``λ`` if already known)."""
+    (``factors``: :func:`obs_factors` of the same ``H`` and ``λ`` if already known)."""
     d = H.shape[0]
-    W_dense, U = obs_factors(H, B, lam) if factors is None else factors
-    W = W_dense.clone()
+    L, U = obs_factors(H, lam) if factors is None else factors
+    W = torch.cholesky_solve(B, L).T.contiguous()  # the dense optimum W*
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
         W1 = W[:, i1:i2].clone()
@@ -135,14 +150,24 @@ def solve(
     H: Tensor, B: Tensor, keep: Tensor, ridge: float, solver: str, memo: dict | None = None
 ) -> tuple[Tensor, str]:
     """Weights ``(out, d)`` for one layer/group and the solver used (see the module docstring).
-    ``memo``: a dict kept with these very ``H`` and ``B`` over calls; keeps OBS's factors."""
+    ``memo``: a dict kept with this very ``H`` over calls (``B`` may change); keeps the
+    factorizations (OBS's per ``λ``; the exact solver's for its last mask and ``λ``)."""
     name = choose(keep, solver)
     lam = ridge_of(H, ridge)
     if name == "exact":
-        return solve_exact(H, B, keep, lam), name
+        factors = None
+        if memo is not None and "exact" in memo:
+            key, mask, factors = memo["exact"]
+            if key != lam or not torch.equal(mask, keep):
+                factors = None
+        if factors is None:
+            factors = exact_factors(H, keep, lam)
+            if memo is not None:
+                memo["exact"] = (lam, keep.clone(), factors)
+        return solve_exact(H, B, keep, lam, factors), name
     factors = None if memo is None else memo.get(lam)
     if factors is None:
-        factors = obs_factors(H, B, lam)
+        factors = obs_factors(H, lam)
         if memo is not None:
             memo[lam] = factors
     return solve_obs(H, B, keep, lam, factors=factors), name

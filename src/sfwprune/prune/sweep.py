@@ -40,7 +40,7 @@ from .masks import (
     ranked_sets,
     split_masks,
 )
-from .reconstruct import check_calibration, reconstruct_
+from .reconstruct import check_calibration, check_relu_aware, reconstruct_
 from .structured import measured_sparsity, structure_masks
 
 Tensor = torch.Tensor
@@ -163,13 +163,16 @@ def _gradual_step_(
     previous: Mapping[str, Tensor] | None,
     prune_kwargs: Mapping[str, Any],
     cache: dict[str, Any],
+    relu_aware: bool,
 ) -> tuple[Ranking, dict[str, Tensor]]:
     """One step of the gradual schedule, in place: rank the weights as they are (the entries
     ``previous`` pruned first), prune to ``sparsity``, reconstruct against ``dense`` (``cache``:
     :func:`reconstruct_`'s, kept over the schedule)."""
     ranking = Ranking(model, calibration=calibration, keep=previous, **prune_kwargs)
     masks = ranking.prune_(sparsity)
-    reconstruct_(model, masks, calibration, dense=dense, cache=cache, errors=False)
+    reconstruct_(
+        model, masks, calibration, dense=dense, cache=cache, errors=False, relu_aware=relu_aware
+    )
     return ranking, masks
 
 
@@ -182,6 +185,7 @@ def gradual_prune_(
     scope: str = "global",
     criterion: str = "magnitude",
     include: str = "weights",
+    relu_aware: bool = False,
 ) -> dict[str, Tensor]:
     """Prune ``model`` in place to ``sparsity`` through the gradual schedule from its dense
     weights (:func:`gradual_schedule` of ``[sparsity]``): each step ranks the previous step's
@@ -195,6 +199,7 @@ def gradual_prune_(
     level = check_sparsity(sparsity)
     check_gradual(True, True, None, gradual_step)
     check_options(scope, criterion, include, None)
+    check_relu_aware(relu_aware, True)
     if criterion == "random":
         raise ValueError(
             "Invalid criterion: 'random' (gradual pruning ranks by magnitude or wanda)"
@@ -205,7 +210,7 @@ def gradual_prune_(
     masks: dict[str, Tensor] | None = None
     cache: dict[str, Any] = {}
     for step, _ in gradual_schedule([level], gradual_step):
-        _, masks = _gradual_step_(model, step, chunks, dense, masks, kwargs, cache)
+        _, masks = _gradual_step_(model, step, chunks, dense, masks, kwargs, cache, relu_aware)
     assert masks is not None
     return masks
 
@@ -234,6 +239,7 @@ def sparsity_sweep(
     structure: str | None = None,
     gradual: bool = False,
     gradual_step: float = GRADUAL_STEP,
+    relu_aware: bool = False,
     progress: bool | None = None,
     **prune_kwargs: Any,
 ) -> list[dict[str, Any]]:
@@ -270,6 +276,8 @@ def sparsity_sweep(
             the next step prunes; levels further apart get steps in between, pruned and
             reconstructed but not evaluated (:func:`gradual_schedule`; default 0.25; 1: the
             levels alone, one reconstruction each). A row's ``seconds`` include its steps.
+        relu_aware: with ``reconstruct``: layers that feed a ReLU match what it passes on
+            (:func:`reconstruct_`'s ``relu_aware``).
         progress: a tqdm bar over the levels (shown after 2 s); ``None``: when ``reconstruct``
             and stderr is a terminal.
         **prune_kwargs: ``scope``, ``criterion``, ``include``, ``generator``, and with a
@@ -300,6 +308,7 @@ def sparsity_sweep(
     if not callable(evaluate):
         raise ValueError(f"Invalid evaluate: {evaluate!r} (expected model -> dict)")
     check_gradual(gradual, reconstruct, structure, gradual_step)
+    check_relu_aware(relu_aware, reconstruct)
     level_masks: list[dict[str, Tensor]] | None = None
     if structure is not None:
         kwargs = dict(prune_kwargs)
@@ -344,7 +353,7 @@ def sparsity_sweep(
             if previous is not None:  # gradual, after the first step
                 assert chunks is not None and dense is not None
                 ranking, masks = _gradual_step_(
-                    model, sparsity, chunks, dense, previous, prune_kwargs, cache
+                    model, sparsity, chunks, dense, previous, prune_kwargs, cache, relu_aware
                 )
                 previous = masks
             else:
@@ -356,7 +365,10 @@ def sparsity_sweep(
                 else:
                     masks = ranking.prune_(sparsity)
                 if chunks is not None:
-                    reconstruct_(model, masks, chunks, dense=dense, cache=cache, errors=False)
+                    reconstruct_(
+                        model, masks, chunks, dense=dense, cache=cache, errors=False,
+                        relu_aware=relu_aware,
+                    )  # fmt: skip
                     if gradual:
                         previous = masks
             steps += 1
