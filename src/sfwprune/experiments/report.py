@@ -32,6 +32,7 @@ def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
     for key, (_, method, tag) in ROWS.items():
         per_seed, train_s, extra_s, init_s, level_s, steps = [], [], [], [], [], []
         schedules = set()  # gradual rows: the largest step (1.0: the levels alone)
+        relu = set()  # reconstructing rows: relu_aware per sweep file
         for seed in range(seeds):
             if key == "sgd_finetune":
                 res = _load(out / model / "sgd_finetune" / f"seed{seed}.json")
@@ -60,12 +61,15 @@ def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
             sweep_cfg = res.get("config", {}).get("sweep", {})
             if sweep_cfg.get("gradual"):
                 schedules.add(sweep_cfg.get("gradual_step", 1.0))
+            if sweep_cfg.get("reconstruct"):
+                relu.add(bool(sweep_cfg.get("relu_aware", False)))
             if summary.get("sfw_init"):
                 init_s.append(summary["sfw_init"]["seconds"])
         if per_seed:
             data[key] = {"rows": per_seed, "train_seconds": train_s, "retrain_seconds": extra_s,
                          "init_seconds": init_s, "level_seconds": level_s,
-                         "steps": steps, "gradual_steps": sorted(schedules)}  # fmt: skip
+                         "steps": steps, "gradual_steps": sorted(schedules),
+                         "relu_aware": sorted(relu)}  # fmt: skip
     return data
 
 
@@ -78,7 +82,9 @@ def _schedule_text(data: dict[str, dict[str, Any]]) -> str:
         "the levels alone" if s >= 1.0 else f"steps of at most {s:g} of the kept weights"
         for s in found
     ]
-    return "gradual rows: " + " / ".join(text)
+    relu = {r for d in data.values() for r in d.get("relu_aware", [])}
+    aware = {True: "ReLU-aware", False: "not ReLU-aware"}
+    return "gradual rows: " + " / ".join(text) + "; " + " / ".join(aware[r] for r in sorted(relu))
 
 
 def _pruned_levels(seconds: list[list[float]]) -> list[float]:

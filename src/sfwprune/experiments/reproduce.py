@@ -93,11 +93,11 @@ SGD_SWEEPS: dict[str | None, dict[str, Any]] = {
 # Reconstruction options per network, added to every reconstructing sweep of its runs.
 # LeNet-5: ReLU-aware reconstruction (reconstruct_'s relu_aware). Added after the 3-seed grid at
 # 55947c8 left the K-support warm-up row 0.04 points under fine-tuning at 98%; adopted on the
-# selection seed (100), where it raised 98/99% for SGD (80.99/71.20 -> 82.54/72.53) and the
-# K-support warm-up variant (86.60/80.84 -> 86.78/81.64) and moved 90/95% by at most 0.12
-# (`sfwprune sweep RUN --reconstruct --gradual --relu-aware`). LeNet-300-100 gained at 98-99% on
-# its seed 100 too but keeps the plain objective: there the re-solves cost 1.9-2.6x the
-# reconstruction, over the 1/10-of-fine-tuning budget (docs/algorithm.md §6).
+# selection seed (100), where (at ee1ab92) it raised 98/99% for SGD (80.99/71.20 -> 82.46/71.50)
+# and for the K-support warm-up variant (86.60/80.84 -> 86.78/81.89) and moved 90/95% by at most
+# 0.25 (-0.11/+0.25 and -0.01/+0.08). LeNet-300-100 keeps the plain objective: its re-solves cost
+# more than its reconstruction itself (docs/algorithm.md §6, "ReLU-aware"), over the
+# 1/10-of-fine-tuning budget of its grid.
 RECON_BY_MODEL: dict[str, dict[str, Any]] = {"lenet5": {"relu_aware": True}}
 
 
