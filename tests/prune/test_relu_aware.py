@@ -129,6 +129,7 @@ def test_sweep_with_relu_aware_leaves_the_model_bit_identical_and_differs_from_p
     x = torch.randn(128, 8, generator=g)
     before = {k: v.clone() for k, v in net.state_dict().items()}
 
+    @torch.no_grad()
     def evaluate(m):
         return {"accuracy": 0.0, "loss": float((m(x) - net_dense(x)).pow(2).mean())}
 

@@ -95,9 +95,9 @@ SGD_SWEEPS: dict[str | None, dict[str, Any]] = {
 # 55947c8 left the K-support warm-up row 0.04 points under fine-tuning at 98%; adopted on the
 # selection seed (100), where (at ee1ab92) it raised 98/99% for SGD (80.99/71.20 -> 82.46/71.50)
 # and for the K-support warm-up variant (86.60/80.84 -> 86.78/81.89) and moved 90/95% by at most
-# 0.25 (-0.11/+0.25 and -0.01/+0.08). LeNet-300-100 keeps the plain objective: its re-solves cost
-# more than its reconstruction itself (docs/algorithm.md §6, "ReLU-aware"), over the
-# 1/10-of-fine-tuning budget of its grid.
+# 0.25 (-0.11/+0.25 and -0.01/+0.08). LeNet-300-100 keeps the plain objective: on its seed 100
+# the re-solves made the sweep 2.2-2.7x slower (over the grid's 1/10-of-fine-tuning budget) and
+# did not lift the K-support warm-up variant (docs/algorithm.md §6, "ReLU-aware").
 RECON_BY_MODEL: dict[str, dict[str, Any]] = {"lenet5": {"relu_aware": True}}
 
 
