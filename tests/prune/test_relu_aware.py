@@ -123,6 +123,21 @@ def test_solver_memos_reuse_factors_for_a_new_right_hand_side_only():
         assert len(memo) == 1
 
 
+def test_exact_factors_over_the_memo_budget_are_not_kept(monkeypatch):
+    from sfwprune.prune import solvers
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(60, 8, generator=g, dtype=torch.float64)
+    H, B = X.T @ X, X.T @ torch.randn(60, 3, generator=g, dtype=torch.float64)
+    keep = torch.rand(3, 8, generator=g) < 0.6
+    memo: dict = {}
+    want, _ = solve(H, B, keep, 1e-3, "exact", memo)
+    assert "exact" in memo
+    monkeypatch.setattr(solvers, "MEMO_ELEMENTS", 0)
+    got, _ = solve(H, 2 * B, ~keep, 1e-3, "exact", memo)  # a new mask: the old entry goes too
+    assert memo == {} and torch.equal(got, solve(H, 2 * B, ~keep, 1e-3, "exact")[0])
+
+
 def test_sweep_with_relu_aware_leaves_the_model_bit_identical_and_differs_from_plain():
     g = torch.Generator().manual_seed(6)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))

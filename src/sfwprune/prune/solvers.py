@@ -16,6 +16,8 @@ targets ``Y`` (rows × out), given ``H = XᵀX``, ``B = XᵀY`` and a keep mask 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 
 Tensor = torch.Tensor
@@ -34,6 +36,9 @@ BATCH_ELEMENTS = 2**23
 # leaves very uneven |S| (LeNet-300-100 at 90%: 1 to 341 kept inputs per unit, median 1); one
 # padded batch did 23x the needed flops and took 5x longer on the first layer.
 BATCH_GROWTH, BATCH_SLACK = 1.25, 8
+# float64 elements of the exact solver's factors a memo keeps (256 MiB); larger sets of factors
+# are recomputed per solve, one batch at a time
+MEMO_ELEMENTS = 2**25
 
 
 def ridge_of(H: Tensor, ridge: float) -> float:
@@ -53,19 +58,18 @@ def choose(keep: Tensor, solver: str) -> str:
     return "exact" if exact <= max(obs, EXACT_LIMIT) else "obs"
 
 
-def exact_factors(H: Tensor, keep: Tensor, lam: float) -> list[tuple[Tensor, ...]]:
-    """The mask-dependent part of :func:`solve_exact`: per batch of units, ``(units, idx,
-    valid, L)`` with ``L`` the Cholesky factors of the padded ``H_SS + λI`` blocks.
+def exact_factors(H: Tensor, keep: Tensor, lam: float) -> Iterator[tuple[Tensor, ...]]:
+    """The mask-dependent part of :func:`solve_exact`, one batch of units at a time:
+    ``(units, idx, valid, L)`` with ``L`` the Cholesky factors of the padded ``H_SS + λI``.
 
     Units are sorted by ``|S_r|`` and batched by similar ``|S|`` (at most
     ``BATCH_GROWTH·|S| + BATCH_SLACK``), each padded to its largest ``|S|`` with identity rows
-    (whose solution is 0), so memory stays within ``BATCH_ELEMENTS``.
+    (whose solution is 0), so one batch takes at most ``BATCH_ELEMENTS``.
     """
     out = keep.shape[0]
     counts = keep.sum(1)
     order = torch.argsort(counts, stable=True)
     sizes = counts[order].tolist()
-    batches = []
     start = 0
     while start < out:
         if sizes[start] == 0:
@@ -86,9 +90,8 @@ def exact_factors(H: Tensor, keep: Tensor, lam: float) -> list[tuple[Tensor, ...
         both = valid.unsqueeze(2) & valid.unsqueeze(1)
         A = torch.where(both, H[idx.unsqueeze(2), idx.unsqueeze(1)], 0.0)
         A.diagonal(dim1=1, dim2=2).add_(torch.where(valid, lam, 1.0))
-        batches.append((units, idx, valid, torch.linalg.cholesky(A)))
+        yield units, idx, valid, torch.linalg.cholesky(A)
         start = end
-    return batches
 
 
 def solve_exact(
@@ -96,7 +99,7 @@ def solve_exact(
     B: Tensor,
     keep: Tensor,
     lam: float,
-    factors: list[tuple[Tensor, ...]] | None = None,
+    factors: Iterable[tuple[Tensor, ...]] | None = None,
 ) -> Tensor:
     """``(out, d)`` weights: per unit ``r``, ``w_S = (H_SS + λI)⁻¹ B_S,r``, zero elsewhere
     (``factors``: :func:`exact_factors` of the same ``H``, mask and ``λ`` if already known)."""
@@ -160,9 +163,12 @@ def solve(
             key, mask, factors = memo["exact"]
             if key != lam or not torch.equal(mask, keep):
                 factors = None
-        if factors is None:
-            factors = exact_factors(H, keep, lam)
-            if memo is not None:
+        counts = keep.sum(1).to(torch.float64)  # at most this many factor entries, padded
+        small = float(((BATCH_GROWTH * counts + BATCH_SLACK) ** 2).sum()) <= MEMO_ELEMENTS
+        if factors is None and memo is not None:
+            memo.pop("exact", None)
+            if small:
+                factors = list(exact_factors(H, keep, lam))
                 memo["exact"] = (lam, keep.clone(), factors)
         return solve_exact(H, B, keep, lam, factors), name
     factors = None if memo is None else memo.get(lam)
