@@ -108,3 +108,32 @@ def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path) -> Non
     with pytest.raises(ValueError, match="holds a finished run of another config"):
         train_and_sweep(other.to_dict(), str(run), [0.0, 0.5], sweeps)
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files
+
+
+def test_a_sweep_file_of_another_sweep_is_refused_not_reused(tmp_path) -> None:
+    import json
+
+    from sfwprune.experiments.reproduce import sweeps_of, train_and_sweep
+
+    rc = ReproduceConfig(dataset="synthetic", models=("lenet300",), epochs=1, limit=64)
+    run = tmp_path / "sgd" / "seed0"
+    cfg = rc.train_config("lenet300", {"optimizer": "sgd"}, 0).to_dict()
+    plain = {"recon": {"reconstruct": True}}
+    train_and_sweep(cfg, str(run), [0.0, 0.5], plain, calibration_size=32)
+    path = run / "sweep-recon.json"
+    record = json.loads(path.read_text())
+    del record["config"]["sweep"]["relu_aware"]  # a file from before the field: its default
+    path.write_text(json.dumps(record))
+    files = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    train_and_sweep(cfg, str(run), [0.0, 0.5], plain, calibration_size=32)  # the same sweep
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files
+    aware = {"recon": {"reconstruct": True, "relu_aware": True}}
+    with pytest.raises(ValueError, match=r"holds another sweep \(relu_aware: False, this grid"):
+        train_and_sweep(cfg, str(run), [0.0, 0.5], aware, calibration_size=32)
+    with pytest.raises(ValueError, match=r"holds another sweep \(calibration_size: 32"):
+        train_and_sweep(cfg, str(run), [0.0, 0.5], plain)
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == files
+    # the grid's own sweeps: LeNet-5's reconstructing sweeps are ReLU-aware, LeNet-300-100's not
+    assert sweeps_of("lenet5", True)["wanda-recon"]["relu_aware"] is True
+    assert "relu_aware" not in sweeps_of("lenet300", True)["recon"]
+    assert "relu_aware" not in sweeps_of("lenet5", False)[None]

@@ -19,15 +19,37 @@ class _Block(nn.Sequential):
     """A Sequential subclass: it may use its children otherwise, so nothing in it qualifies."""
 
 
+class _Leaky(nn.ReLU):
+    """Not a ReLU's forward: a subclass does not qualify."""
+
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+class _ByHand(nn.Module):
+    """Calls its Sequential's children one by one and reads the pre-ReLU output twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.body[0](x)
+        return self.head(y + self.body[1](y))
+
+
 def test_relu_fed_layers_are_those_a_plain_sequential_passes_straight_to_a_relu():
     net = nn.Sequential(
         nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.BatchNorm1d(5), nn.ReLU(),
         nn.Sequential(nn.Linear(5, 3), nn.ReLU(inplace=True)), _Block(nn.Linear(3, 3), nn.ReLU()),
-        nn.Linear(3, 2),
-    )  # fmt: skip
-    order = ["0", "2", "5.0", "6.0", "7"]
-    assert relu_fed(net, order) == {"0", "5.0"}
-    assert relu_fed(net, ["2", "7"]) == set()
+        nn.Sequential(nn.Linear(3, 3), _Leaky()), nn.Linear(3, 2),
+    ).eval()  # fmt: skip
+    x = torch.randn(2, 4)
+    order = ["0", "2", "5.0", "6.0", "7.0", "8"]
+    assert relu_fed(net, order, x) == {"0", "5.0"}
+    assert relu_fed(net, ["2", "8"], x) == set()
+    assert relu_fed(_ByHand(), ["body.0", "head"], x) == set()  # body never runs as a whole
 
 
 def _lstsq(X, Y, keep, lam):
@@ -85,6 +107,41 @@ def test_layers_not_feeding_a_relu_are_solved_as_without_relu_aware():
     info_b = reconstruct_(b, masks, [x])
     assert info_a == info_b
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_a_layer_not_feeding_a_relu_is_solved_plainly_on_its_actual_inputs():
+    g = torch.Generator().manual_seed(8)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 2))
+    net = net.double()
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    masks = prune_(copy.deepcopy(net), 0.7)
+    got = copy.deepcopy(net)
+    reconstruct_(got, masks, [x], exact_statistics=True, max_rows=None, relu_aware=True)
+    plain = copy.deepcopy(net)
+    reconstruct_(plain, masks, [x], exact_statistics=True, max_rows=None)
+    assert not torch.equal(got[0].weight, plain[0].weight)  # layer 0 feeds a ReLU
+    with torch.no_grad():  # layer 2: the least squares on the inputs layer 0 now gives it
+        X = got[1](got[0](x))
+        Y = net[2](net[1](net[0](x)))
+    Xa = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    keep = torch.cat([masks["2.weight"], torch.ones(5, 1, dtype=torch.bool)], 1)
+    W = _lstsq(Xa, Y, keep, ridge_of(Xa.T @ Xa, 1e-3))
+    torch.testing.assert_close(got[2].weight, W[:, :8], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(got[2].bias, W[:, 8], rtol=1e-7, atol=1e-9)
+
+
+def test_a_sweep_keeps_the_rows_of_a_relu_fed_first_layer(monkeypatch):
+    g = torch.Generator().manual_seed(9)
+    net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+    x = torch.randn(128, 8, generator=g)
+    seen: list[str] = []
+    real = rec._statistics
+    monkeypatch.setattr(rec, "_statistics", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
+    kwargs = {"calibration": [x], "reconstruct": True, "relu_aware": True}
+    rows = sparsity_sweep(net, lambda m: {"accuracy": 0.0, "loss": 0.0}, [0.5, 0.8, 0.9], **kwargs)
+    assert len(rows) == 3
+    # layer "0" (fed the calibration inputs): statistics and rows once, no pass per re-solve
+    assert seen.count("0") == 1 and seen.count("2") == 3
 
 
 def test_kept_rows_and_a_pass_per_re_solve_give_the_same_weights(monkeypatch):

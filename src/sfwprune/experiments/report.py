@@ -74,17 +74,21 @@ def collect(out: Path, model: str, seeds: int) -> dict[str, dict[str, Any]]:
 
 
 def _schedule_text(data: dict[str, dict[str, Any]]) -> str:
-    """How the gradual rows stepped between levels, from their sweep files."""
+    """How the gradual rows stepped between levels, and which reconstruction rows were
+    ReLU-aware, from their sweep files."""
     found = sorted({s for d in data.values() for s in d.get("gradual_steps", [])})
-    if not found:
-        return "no gradual rows"
     text = [
         "the levels alone" if s >= 1.0 else f"steps of at most {s:g} of the kept weights"
         for s in found
     ]
-    relu = {r for d in data.values() for r in d.get("relu_aware", [])}
-    aware = {True: "ReLU-aware", False: "not ReLU-aware"}
-    return "gradual rows: " + " / ".join(text) + "; " + " / ".join(aware[r] for r in sorted(relu))
+    parts = ["gradual rows: " + " / ".join(text) if found else "no gradual rows"]
+    aware = [LABELS[k] for k, d in data.items() if True in d.get("relu_aware", [])]
+    plain = [LABELS[k] for k, d in data.items() if False in d.get("relu_aware", [])]
+    if aware and not plain:
+        parts.append("every reconstruction row ReLU-aware")
+    elif aware:
+        parts.append("ReLU-aware: " + ", ".join(aware))
+    return "; ".join(parts)
 
 
 def _pruned_levels(seconds: list[list[float]]) -> list[float]:

@@ -270,7 +270,8 @@ def train_and_sweep(
 ) -> str:
     """Train a run (resuming if cut) and write its sweeps: ``sweep[-TAG].json`` per entry of
     ``sweeps`` (tag -> :class:`SweepConfig` fields, which may name their own ``sparsities``;
-    otherwise ``sparsities``), each skipped when already there."""
+    otherwise ``sparsities``), each skipped when a file of that very sweep is already there
+    (:func:`check_same_sweep`)."""
     from .runner import train_run
     from .sweep import SweepConfig, sweep_file_name, sweep_run
 
@@ -281,13 +282,36 @@ def train_and_sweep(
     else:
         train_run(cfg, run, resume="auto", quiet=True)
     for tag, fields in sweeps.items():
-        if (run / f"{sweep_file_name(tag)}.json").is_file():
-            continue
         fields = {"seed": cfg.seed, "calibration_size": calibration_size,
                   "sparsities": sparsities, **fields}  # fmt: skip
         fields["sparsities"] = tuple(fields["sparsities"])
-        sweep_run(run, SweepConfig(**fields), tag=tag)
+        sweep = SweepConfig(**fields)
+        path = run / f"{sweep_file_name(tag)}.json"
+        if path.is_file():
+            check_same_sweep(path, sweep)  # reused only for the sweep it holds
+            continue
+        sweep_run(run, sweep, tag=tag)
     return run_dir
+
+
+def check_same_sweep(path: Path, sweep: Any) -> None:
+    """Refuse a sweep file whose recorded sweep config is not ``sweep`` (a
+    :class:`~.sweep.SweepConfig`; fields a file from before them lacks take their defaults):
+    reusing it would report another pruning."""
+    from dataclasses import asdict
+
+    from .sweep import SweepConfig
+
+    recorded = json.loads(path.read_text()).get("config", {}).get("sweep", {})
+    held = json.loads(json.dumps({**asdict(SweepConfig()), **recorded}))
+    wanted = json.loads(json.dumps(asdict(sweep)))
+    diff = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(
+            f"Invalid sweep file: {str(path)!r} holds another sweep ({k}: {held.get(k)!r}, "
+            f"this grid wants {wanted.get(k)!r}); delete it to sweep again"
+        )
 
 
 def finetune_levels(

@@ -397,18 +397,29 @@ def check_relu_aware(relu_aware: Any, reconstruct: bool) -> None:
         raise ValueError("Invalid relu_aware: True (needs reconstruct=True)")
 
 
-def relu_fed(model: nn.Module, order: Iterable[str]) -> set[str]:
+def relu_fed(model: nn.Module, order: Iterable[str], x: Tensor) -> set[str]:
     """The layers of ``order`` whose output goes straight into an ``nn.ReLU`` and nowhere else:
-    the next child of the same plain ``nn.Sequential`` (a subclass may use it otherwise)."""
-    found = set()
+    the next child of the same plain ``nn.Sequential`` (a subclass may use it otherwise), which
+    a forward on ``x`` calls as a whole (a forward that calls its children one by one may read
+    the layer's output elsewhere)."""
+    parents: dict[nn.Module, list[str]] = {}
     for parent_name, parent in model.named_modules():
         if type(parent) is not nn.Sequential:
             continue
         children = list(parent.named_children())
-        for (child, _), (_, after) in zip(children, children[1:]):
-            if isinstance(after, nn.ReLU):
-                found.add(f"{parent_name}.{child}" if parent_name else child)
-    return found & set(order)
+        for (child, _), (_, after) in zip(children, children[1:], strict=False):
+            name = f"{parent_name}.{child}" if parent_name else child
+            if type(after) is nn.ReLU and name in order:
+                parents.setdefault(parent, []).append(name)
+    called: set[nn.Module] = set()
+    handles = [p.register_forward_pre_hook(lambda m, a: called.add(m)) for p in parents]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name for p in called for name in parents[p]}
 
 
 def reconstruct_(
@@ -459,7 +470,8 @@ def reconstruct_(
             ``max_rows``, ``seed`` and ``exact_statistics`` (e.g. the levels of a sweep): the
             rows drawn, the dense layers' target rows, and the statistics of a layer whose input
             depends on the calibration inputs alone (only modules without parameters or buffers
-            before it) are computed once and reused (with the OBS solver's factors of them). A
+            before it) are computed once and reused (with the solvers' factorizations of them
+            and, for a ReLU-fed layer with ``relu_aware``, its row blocks). A
             fingerprint (shapes, sums and position-weighted sums of the dense state and of the
             inputs) is checked, and the entry replaced when it differs.
         errors: measure each layer's output error before and after (two quadratic forms in
@@ -474,7 +486,8 @@ def reconstruct_(
         ``{layer name: {"solver", "error_before", "error_after"}}`` in forward order: the layer's
         output error ``||Y_dense − X w||² / ||Y_dense||²`` on the calibration set (its rows used
         for ``H``) with the masked weights and with the re-solved ones (only ``"solver"`` with
-        ``errors=False``).
+        ``errors=False``). For a layer re-solved ``relu_aware`` it stays the error of the raw
+        output, which those re-solves trade for the error after the ReLU: it may grow.
 
     Raises:
         ValueError: bad arguments, or empty / NaN / wrongly shaped calibration inputs; the model is
@@ -529,7 +542,7 @@ def reconstruct_(
                     cache.clear()
                     cache.update(key=key, plan=plan, targets=targets, stats=kept)
             inputs = LayerInputs(model, order, chunks, ACTIVATION_CACHE_BYTES)
-            relu = relu_fed(model, order) if relu_aware else set()
+            relu = relu_fed(model, order, chunks[0][:1]) if relu_aware else set()
             info: dict[str, dict[str, Any]] = {}
             for i, name in enumerate(order):
                 # a layer whose input depends on the calibration inputs alone has the same
