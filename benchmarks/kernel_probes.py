@@ -8,15 +8,19 @@
 2. Selection output: on 235,200 standard-normal float32 entries, the time of a pass writing band
    flags (what the kernel does) against a pass compacting the selected entries' indices (what a
    sparse θ update would need). One thread, medians of ``--repeats``.
-3. CPU clocks (why ``benchmarks/step_time.py`` sums per-thread clocks): LeNet-300-100 steps of
+3. What the band buys: the optimizer step alone (``opt.step()``, LeNet-300-100 on Fashion-MNIST,
+   one thread, ``--band-steps`` training steps) of the default SFW against the same kernel with
+   the band turned off (``_cpu_kernel.SMALL`` raised, so every tensor partitions all of
+   ``|m|``), two copies of one model trained side by side, interleaved; medians.
+4. CPU clocks (why ``benchmarks/step_time.py`` sums per-thread clocks): LeNet-300-100 steps of
    SGD and SFW, interleaved, at 2 torch threads (batch 128, ``--clock-steps`` each). Per step:
    wall time, ``time.process_time()``, the calling thread's ``time.thread_time()`` and the sum
    of every thread's own CPU clock. The other threads' share of ``process_time``
    (``process_time - thread_time``) is reported in 1 ms bins: on Linux it is charged at
    scheduler ticks, so it is quantized.
 
-    python benchmarks/kernel_probes.py [--steps 1500] [--repeats 500] [--clock-steps 1000]
-        [--out f.json]
+    python benchmarks/kernel_probes.py [--steps 1500] [--repeats 500] [--band-steps 400]
+        [--clock-steps 1000] [--out f.json]
 """
 
 from __future__ import annotations
@@ -114,6 +118,40 @@ def selection_times(repeats: int) -> dict:
     }
 
 
+def band_step_times(steps: int) -> dict:
+    from sfwprune.optim import _cpu_kernel
+
+    ds = load_fashion_mnist()
+    x = (ds.train_x.float() / 255 - 0.286) / 0.353
+    y = ds.train_y
+    torch.manual_seed(0)
+    base = build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    runs = {}
+    small = _cpu_kernel.SMALL
+    for name, limit in (("band", small), ("partition", 10**12)):
+        _cpu_kernel.SMALL = limit  # read when a tensor's kernel state is built (first step)
+        model = copy.deepcopy(base)
+        opt = SFW(constraint_groups(model))
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:128]), y[:128]).backward()
+        opt.step()
+        runs[name] = (model, opt, [])
+    _cpu_kernel.SMALL = small
+    perm = torch.randperm(len(x))
+    per_epoch = len(x) // 128
+    for s in range(steps):
+        idx = perm[(s % per_epoch) * 128 : (s % per_epoch + 1) * 128]
+        for name in ("band", "partition") if s % 2 else ("partition", "band"):
+            model, opt, times = runs[name]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+    out = {name: 1e3 * statistics.median(times[20:]) for name, (_, _, times) in runs.items()}
+    return {"optimizer_step_ms_median": out, "partition_over_band": out["partition"] / out["band"]}
+
+
 def _thread_clock_ids() -> list[int]:
     """Linux ``MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`` of every thread of this process."""
     return [((~int(tid)) << 3) | 2 | 4 for tid in os.listdir("/proc/self/task")]
@@ -178,6 +216,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--repeats", type=int, default=500)
+    p.add_argument("--band-steps", type=int, default=400, help="0 skips the band probe")
     p.add_argument("--clock-steps", type=int, default=1000, help="0 skips the CPU-clock probe")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -188,6 +227,8 @@ def main() -> None:
         "threshold_prediction_relative_error": prediction_errors(args.steps),
         "selection_output": selection_times(args.repeats),
     }
+    if args.band_steps > 0:
+        result["band_vs_partition"] = band_step_times(args.band_steps)
     if args.clock_steps > 0:
         result["cpu_clocks_2_threads"] = cpu_clocks(args.clock_steps)
     text = json.dumps(result, indent=2)
