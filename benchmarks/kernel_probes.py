@@ -42,12 +42,16 @@ from sfwprune.data.fashion_mnist import load_fashion_mnist
 from sfwprune.models import build_model
 
 
-def prediction_errors(steps: int) -> dict:
+def _fashion_lenet300() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Normalized Fashion-MNIST training images and labels, and LeNet-300-100 from seed 0."""
     ds = load_fashion_mnist()
     x = (ds.train_x.float() / 255 - 0.286) / 0.353
-    y = ds.train_y
     torch.manual_seed(0)
-    model = build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    return x, ds.train_y, build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+
+
+def prediction_errors(steps: int) -> dict:
+    x, y, model = _fashion_lenet300()
     opt = SFW(constraint_groups(model))
     weight = next(p for p in model.parameters() if p.dim() >= 2)
     k = int(opt.param_groups[0]["k"])
@@ -121,11 +125,7 @@ def selection_times(repeats: int) -> dict:
 def band_step_times(steps: int) -> dict:
     from sfwprune.optim import _cpu_kernel
 
-    ds = load_fashion_mnist()
-    x = (ds.train_x.float() / 255 - 0.286) / 0.353
-    y = ds.train_y
-    torch.manual_seed(0)
-    base = build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    x, y, base = _fashion_lenet300()
     runs = {}
     small = _cpu_kernel.SMALL
     for name, limit in (("band", small), ("partition", 10**12)):

@@ -249,16 +249,21 @@ def check_same_config(run: Path, cfg: TrainConfig) -> None:
     selected variant that a new selection replaced): reusing it would report another method."""
     from .runner import read_config
 
-    held = read_config(run).to_dict()
-    wanted = cfg.to_dict()
-    diff = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+    diff = _first_difference(read_config(run).to_dict(), cfg.to_dict())
     if diff:
-        k = diff[0]
         raise ValueError(
-            f"Invalid run folder: {str(run)!r} holds a finished run of another config "
-            f"({k}: {held.get(k)!r}, this grid wants {wanted.get(k)!r}); delete the folder to "
-            "train it again, or choose a new --out"
+            f"Invalid run folder: {str(run)!r} holds a finished run of another config ({diff}); "
+            "delete the folder to train it again, or choose a new --out"
         )
+
+
+def _first_difference(held: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """``"key: held, this grid wants wanted"`` for the first key (sorted) that differs."""
+    diff = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+    if not diff:
+        return None
+    k = diff[0]
+    return f"{k}: {held.get(k)!r}, this grid wants {wanted.get(k)!r}"
 
 
 def train_and_sweep(
@@ -304,13 +309,11 @@ def check_same_sweep(path: Path, sweep: Any) -> None:
 
     recorded = json.loads(path.read_text()).get("config", {}).get("sweep", {})
     held = json.loads(json.dumps({**asdict(SweepConfig()), **recorded}))
-    wanted = json.loads(json.dumps(asdict(sweep)))
-    diff = sorted(k for k in set(held) | set(wanted) if held.get(k) != wanted.get(k))
+    diff = _first_difference(held, json.loads(json.dumps(asdict(sweep))))
     if diff:
-        k = diff[0]
         raise ValueError(
-            f"Invalid sweep file: {str(path)!r} holds another sweep ({k}: {held.get(k)!r}, "
-            f"this grid wants {wanted.get(k)!r}); delete it to sweep again"
+            f"Invalid sweep file: {str(path)!r} holds another sweep ({diff}); delete it to sweep "
+            "again"
         )
 
 

@@ -190,28 +190,28 @@ class _Stop(Exception):
     """Raised in a hook to end a forward once the wanted layer has been seen."""
 
 
-def forward_order(model: nn.Module, x: Tensor) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the Linear/Conv2d layers in the order a forward on ``x`` calls them.
-
-    A layer called more than once per forward (shared) is not supported: ValueError.
-    """
-    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
-    seen: list[nn.Module] = []
-    calls: dict[nn.Module, int] = {}
-
-    def hook(module: nn.Module, args: Any) -> None:
-        calls[module] = calls.get(module, 0) + 1
-        if calls[module] == 1:
-            seen.append(module)
-
-    handles = [m.register_forward_pre_hook(hook) for m in names]
+def module_calls(model: nn.Module, modules: Iterable[nn.Module], x: Tensor) -> list[nn.Module]:
+    """Every call of one of ``modules`` when ``model`` runs on ``x`` (no grad), in call order."""
+    calls: list[nn.Module] = []
+    handles = [m.register_forward_pre_hook(lambda m, _args: calls.append(m)) for m in modules]
     try:
         with torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-    shared = [names[m] for m, c in calls.items() if c > 1]
+    return calls
+
+
+def forward_order(model: nn.Module, x: Tensor) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the Linear/Conv2d layers in the order a forward on ``x`` calls them.
+
+    A layer called more than once per forward (shared) is not supported: ValueError.
+    """
+    names = {m: n for n, m in model.named_modules() if isinstance(m, LAYERS)}
+    calls = module_calls(model, names, x)
+    seen = list(dict.fromkeys(calls))
+    shared = [names[m] for m in seen if calls.count(m) > 1]
     if shared:
         raise ValueError(f"Invalid model: layers {shared} are called more than once per forward")
     return [(names[m], m) for m in seen]

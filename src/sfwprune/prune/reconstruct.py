@@ -31,6 +31,7 @@ from .calibration import (
     forward_order,
     groups_of,
     model_device,
+    module_calls,
     out_rows,
     rows_per_sample,
     sample_out_rows,
@@ -411,15 +412,7 @@ def relu_fed(model: nn.Module, order: Iterable[str], x: Tensor) -> set[str]:
             name = f"{parent_name}.{child}" if parent_name else child
             if type(after) is nn.ReLU and name in order:
                 parents.setdefault(parent, []).append(name)
-    called: set[nn.Module] = set()
-    handles = [p.register_forward_pre_hook(lambda m, a: called.add(m)) for p in parents]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name for p in called for name in parents[p]}
+    return {name for p in set(module_calls(model, parents, x)) for name in parents[p]}
 
 
 def reconstruct_(
