@@ -12,7 +12,11 @@
    one thread, ``--band-steps`` training steps) of the default SFW against the same kernel with
    the band turned off (``_cpu_kernel.SMALL`` raised, so every tensor partitions all of
    ``|m|``), two copies of one model trained side by side, interleaved; medians.
-4. CPU clocks (why ``benchmarks/step_time.py`` sums per-thread clocks): LeNet-300-100 steps of
+4. The optimizer step at 2 torch threads right after the backward against after a 5 ms pause
+   (torch's OpenMP workers spin for a while after a parallel region, then sleep): SGD and the
+   default SFW on LeNet-300-100 (random batches of 128), ``--pause-steps`` steps each way,
+   interleaved; medians of ``opt.step()`` alone.
+5. CPU clocks (why ``benchmarks/step_time.py`` sums per-thread clocks): LeNet-300-100 steps of
    SGD and SFW, interleaved, at 2 torch threads (batch 128, ``--clock-steps`` each). Per step:
    wall time, ``time.process_time()``, the calling thread's ``time.thread_time()`` and the sum
    of every thread's own CPU clock. The other threads' share of ``process_time``
@@ -20,7 +24,7 @@
    scheduler ticks, so it is quantized.
 
     python benchmarks/kernel_probes.py [--steps 1500] [--repeats 500] [--band-steps 400]
-        [--clock-steps 1000] [--out f.json]
+        [--pause-steps 400] [--clock-steps 1000] [--out f.json]
 """
 
 from __future__ import annotations
@@ -152,6 +156,34 @@ def band_step_times(steps: int) -> dict:
     return {"optimizer_step_ms_median": out, "partition_over_band": out["partition"] / out["band"]}
 
 
+def pause_step_times(steps: int) -> dict:
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    base = build_model("lenet300", input_shape=(1, 28, 28), num_classes=10)
+    batches = [(torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))) for _ in range(8)]
+    out: dict = {"torch_threads": 2}
+    for name in ("sgd", "sfw"):
+        model = copy.deepcopy(base)
+        opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if name == "sgd"
+               else SFW(constraint_groups(model)))  # fmt: skip
+        times: dict[str, list[float]] = {"after_backward": [], "after_pause": []}
+        for r in range(steps + 20):
+            for how in (("after_backward", "after_pause") if r % 2 else
+                        ("after_pause", "after_backward")):  # fmt: skip
+                x, y = batches[r % len(batches)]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                if how == "after_pause":
+                    time.sleep(0.005)
+                t0 = time.perf_counter()
+                opt.step()
+                if r >= 20:
+                    times[how].append(time.perf_counter() - t0)
+        out[name] = {how: 1e3 * statistics.median(xs) for how, xs in times.items()}
+    torch.set_num_threads(1)
+    return {"optimizer_step_ms_median": out}
+
+
 def _thread_clock_ids() -> list[int]:
     """Linux ``MAKE_THREAD_CPUCLOCK(tid, CPUCLOCK_SCHED)`` of every thread of this process."""
     return [((~int(tid)) << 3) | 2 | 4 for tid in os.listdir("/proc/self/task")]
@@ -217,6 +249,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--repeats", type=int, default=500)
     p.add_argument("--band-steps", type=int, default=400, help="0 skips the band probe")
+    p.add_argument("--pause-steps", type=int, default=400, help="0 skips the pause probe")
     p.add_argument("--clock-steps", type=int, default=1000, help="0 skips the CPU-clock probe")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -229,6 +262,8 @@ def main() -> None:
     }
     if args.band_steps > 0:
         result["band_vs_partition"] = band_step_times(args.band_steps)
+    if args.pause_steps > 0:
+        result["step_after_pause_2_threads"] = pause_step_times(args.pause_steps)
     if args.clock_steps > 0:
         result["cpu_clocks_2_threads"] = cpu_clocks(args.clock_steps)
     text = json.dumps(result, indent=2)
