@@ -285,7 +285,7 @@ def _statistics(
     """
     mp, md = inputs.layers[i], dense.get_submodule(name)
     acc = _Accumulator(exact, gram=relu_step is None)
-    kept = 0
+    held = 0  # bytes of the blocks in rows
     for c, x in enumerate(chunks):
         index = plan[c]
         if index is not None and len(index) == 0:
@@ -311,8 +311,8 @@ def _statistics(
             acc.add(X, _relu_targets(X, Yb, relu_step))
             if rows is not None:
                 rows.append((X, Yb))
-                kept += X.numel() * X.element_size() + Yb.numel() * Yb.element_size()
-                if kept > RELU_ROWS_BYTES:
+                held += X.numel() * X.element_size() + Yb.numel() * Yb.element_size()
+                if held > RELU_ROWS_BYTES:
                     rows.clear()
                     rows = None
     return acc.result(mp.bias is not None)

@@ -149,6 +149,12 @@ def solve_obs(
     return W.masked_fill_(~keep, 0.0)
 
 
+def _factor_bound(keep: Tensor) -> float:
+    """At least as many elements as :func:`exact_factors` of ``keep`` hold (batches padded)."""
+    counts = keep.sum(1).to(torch.float64)
+    return float(((BATCH_GROWTH * counts + BATCH_SLACK) ** 2).sum())
+
+
 def solve(
     H: Tensor, B: Tensor, keep: Tensor, ridge: float, solver: str, memo: dict | None = None
 ) -> tuple[Tensor, str]:
@@ -158,19 +164,13 @@ def solve(
     name = choose(keep, solver)
     lam = ridge_of(H, ridge)
     if name == "exact":
-        factors = None
-        if memo is not None and "exact" in memo:
-            key, mask, factors = memo["exact"]
-            if key != lam or not torch.equal(mask, keep):
-                factors = None
-        counts = keep.sum(1).to(torch.float64)  # at most this many factor entries, padded
-        small = float(((BATCH_GROWTH * counts + BATCH_SLACK) ** 2).sum()) <= MEMO_ELEMENTS
-        if factors is None and memo is not None:
-            memo.pop("exact", None)
-            if small:
-                factors = list(exact_factors(H, keep, lam))
-                memo["exact"] = (lam, keep.clone(), factors)
-        return solve_exact(H, B, keep, lam, factors), name
+        held = None if memo is None else memo.pop("exact", None)
+        if held is None or held[0] != lam or not torch.equal(held[1], keep):
+            if memo is None or _factor_bound(keep) > MEMO_ELEMENTS:
+                return solve_exact(H, B, keep, lam), name  # one batch at a time, none kept
+            held = (lam, keep.clone(), list(exact_factors(H, keep, lam)))
+        memo["exact"] = held
+        return solve_exact(H, B, keep, lam, held[2]), name
     factors = None if memo is None else memo.get(lam)
     if factors is None:
         factors = obs_factors(H, lam)
